@@ -1,0 +1,53 @@
+// DeltaserveClient: a small synchronous C++ client for a deltaserve server (deltaserve.v1 and grpc.health.v1).
+//
+// Owns one gRPC channel. Thread-safe: gRPC channels and stubs may be shared across threads.
+// Every call returns absl::Status / StatusOr with the server's code and message.
+#ifndef DELTASERVE_CLIENT_CLIENT_H_
+#define DELTASERVE_CLIENT_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "deltaserve/v1/inference.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace deltaserve {
+namespace client {
+
+class DeltaserveClient {
+ public:
+  struct Options {
+    // "host:port" of the server.
+    std::string target = "127.0.0.1:50051";
+    // Deadline of each call.
+    absl::Duration timeout = absl::Seconds(30);
+    // Largest response accepted, in bytes (-1 = no limit).
+    int max_receive_message_bytes = -1;
+  };
+
+  explicit DeltaserveClient(const Options& options);
+
+  // grpc.health.v1 Check for `service` ("" = the whole server): "SERVING", "NOT_SERVING", ...
+  absl::StatusOr<std::string> Health(const std::string& service = "");
+  absl::StatusOr<deltaserve::v1::GetModelInfoResponse> GetModelInfo();
+  absl::StatusOr<deltaserve::v1::EmbedResponse> Embed(const deltaserve::v1::EmbedRequest& request);
+  // Sentence embeddings of `texts` on the base model.
+  absl::StatusOr<std::vector<std::vector<float>>> EmbedTexts(const std::vector<std::string>& texts);
+
+ private:
+  const Options options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<deltaserve::v1::InferenceService::Stub> inference_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+// grpc::Status -> absl::Status with the same code and message.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+}  // namespace client
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_CLIENT_CLIENT_H_

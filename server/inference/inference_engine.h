@@ -1,0 +1,116 @@
+// InferenceEngine: turns embed requests into batched forward passes of the one served Model.
+//
+// For each request it validates and tokenizes the inputs (on the caller's thread, so tokenization runs in
+// parallel across RPCs), applies the truncation policy, queues the rows on the Batcher, and returns one result
+// per input. It owns the Batcher; it shares the Model (which outlives nothing: the engine keeps it alive).
+// Thread-safe: Embed() may be called from any number of threads.
+//
+// Errors (all with a message a user can act on): INVALID_ARGUMENT for empty input, too many inputs, an over-long
+// text or id list (unless truncating), invalid UTF-8, an out-of-range token id, texts and ids mixed;
+// FAILED_PRECONDITION for a task reference (no delta store yet); the Batcher's RESOURCE_EXHAUSTED /
+// DEADLINE_EXCEEDED / CANCELLED / UNAVAILABLE.
+#ifndef DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
+#define DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/batching/batcher.h"
+#include "server/model/model.h"
+
+namespace deltaserve {
+namespace inference {
+
+enum class Truncation { kDefault, kTruncate, kError };
+
+// A request's task selector (the public API's TaskRef). Empty = the base model.
+struct TaskSelector {
+  std::string task;
+  int64_t version = 0;  // 0 = unset
+  std::string label;
+  std::string digest;
+  bool empty() const { return task.empty() && version == 0 && label.empty() && digest.empty(); }
+};
+
+struct EmbedRequest {
+  std::string tenant;
+  TaskSelector task;
+  std::vector<std::string> texts;               // either texts ...
+  std::vector<std::vector<int64_t>> token_ids;  // ... or full model inputs, not both
+  bool return_token_embeddings = false;
+  bool return_token_ids = false;
+  Truncation truncation = Truncation::kDefault;
+};
+
+struct EmbedResult {
+  std::vector<float> embedding;
+  std::vector<float> token_embeddings;  // num_tokens x hidden_size, when asked for
+  std::vector<int64_t> token_ids;       // when asked for
+  int64_t num_tokens = 0;
+  bool truncated = false;
+};
+
+struct EmbedResponse {
+  std::vector<EmbedResult> results;
+  int64_t embedding_dim = 0;
+  int64_t hidden_size = 0;
+  int64_t total_tokens = 0;
+};
+
+// How a call ends early: its deadline, and a callback that says whether the client went away.
+struct CallContext {
+  absl::Time deadline = absl::InfiniteFuture();
+  std::function<bool()> is_cancelled;
+};
+
+class InferenceEngine {
+ public:
+  struct Options {
+    // Most inputs (texts or id lists) in one request.
+    int max_inputs_per_request = 256;
+    // Longest text accepted, in bytes (checked before tokenizing).
+    int64_t max_text_bytes = 1 << 20;
+    // Longest model input in tokens; 0 = the model's own maximum. Never above the model's maximum.
+    int64_t max_sequence_length = 0;
+    // What Truncation::kDefault means: true = cut over-long inputs, false = INVALID_ARGUMENT.
+    bool truncate_by_default = true;
+    // The dynamic batcher.
+    batching::Batcher::Options batching;
+  };
+
+  // REQUIRES: model is non-null; observer (may be null) outlives the engine.
+  static absl::StatusOr<std::unique_ptr<InferenceEngine>> Create(std::shared_ptr<const model::Model> model,
+                                                                 const Options& options,
+                                                                 batching::BatcherObserver* observer);
+  ~InferenceEngine();
+
+  absl::StatusOr<EmbedResponse> Embed(const EmbedRequest& request, const CallContext& call);
+
+  // Stops taking requests and finishes the queued ones (part of a graceful shutdown).
+  void Stop();
+
+  const model::Model& model() const { return *model_; }
+  const Options& options() const { return options_; }
+  // The effective maximum sequence length.
+  int64_t max_sequence_length() const { return max_sequence_length_; }
+
+ private:
+  InferenceEngine(std::shared_ptr<const model::Model> model, const Options& options,
+                  batching::BatcherObserver* observer);
+  absl::Status RunBatch(absl::Span<const batching::BatchRow> rows);
+
+  const std::shared_ptr<const model::Model> model_;
+  const Options options_;
+  const int64_t max_sequence_length_;
+  std::unique_ptr<batching::Batcher> batcher_;
+};
+
+}  // namespace inference
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_

@@ -1,0 +1,109 @@
+// deltaserve: serves one frozen pre-trained model (and, later, many tenants' deltas on it) over gRPC.
+// Flags are read here and only here; everything else takes Options structs.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "server/common/logging.h"
+#include "server/service/platform.h"
+#include "server/service/server.h"
+#include "server/service/version.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC listen address (host:port; port 0 = any free port).");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus /metrics HTTP address (host:port; empty disables it).");
+ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory (config.json, model.safetensors, vocab).");
+ABSL_FLAG(std::string, device, "cpu", "Device for the model: cpu, cuda, cuda:N.");
+ABSL_FLAG(std::string, dtype, "float32",
+          "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
+ABSL_FLAG(std::string, blas, "openblas",
+          "BLAS for float32 matmuls: openblas (fast, default), blis, reference (slow), system (as installed).");
+ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = every core).");
+ABSL_FLAG(int, max_batch_rows, 32, "Most input sequences in one forward pass.");
+ABSL_FLAG(int64_t, max_batch_tokens, 16384, "Most padded tokens (rows x longest row) in one forward pass.");
+ABSL_FLAG(double, max_queue_delay_ms, 2.0, "How long a queued input waits for its batch to fill, at most.");
+ABSL_FLAG(int64_t, max_queued_rows, 4096, "Most inputs waiting for a batch; beyond: RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, batch_threads, 1, "Threads running batches (1 is right on CPU).");
+ABSL_FLAG(int, max_inputs_per_request, 256, "Most texts or id lists in one Embed request.");
+ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "Longest text accepted, in bytes.");
+ABSL_FLAG(int64_t, max_sequence_length, 0, "Longest model input in tokens (0 = the model's maximum).");
+ABSL_FLAG(bool, truncate, true,
+          "Cut inputs longer than the maximum sequence length (true) or answer INVALID_ARGUMENT (false). "
+          "A request can override it.");
+ABSL_FLAG(int, max_message_bytes, 16 << 20, "Largest gRPC request accepted, in bytes.");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write \"<grpc port> <metrics port>\" to this file once serving (for tests and scripts that "
+          "start the server on port 0).");
+ABSL_FLAG(double, drain_seconds, 30, "On SIGTERM/SIGINT: how long in-flight calls may take to finish.");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("deltaserve: multi-tenant delta serving on one frozen model. See README.md.");
+  absl::ParseCommandLine(argc, argv);
+
+  if (absl::Status st = deltaserve::SelectBlas(absl::GetFlag(FLAGS_blas), argv); !st.ok()) {
+    std::fprintf(stderr, "deltaserve: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  // Block SIGTERM/SIGINT in every thread; one thread waits for them with sigwait.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  deltaserve::service::DeltaServer::Options options;
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.model_dir = absl::GetFlag(FLAGS_model_dir);
+  options.model.device = absl::GetFlag(FLAGS_device);
+  options.model.dtype = absl::GetFlag(FLAGS_dtype);
+  options.engine.max_inputs_per_request = absl::GetFlag(FLAGS_max_inputs_per_request);
+  options.engine.max_text_bytes = absl::GetFlag(FLAGS_max_text_bytes);
+  options.engine.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
+  options.engine.truncate_by_default = absl::GetFlag(FLAGS_truncate);
+  options.engine.batching.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
+  options.engine.batching.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  options.engine.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_ms) * 1000);
+  options.engine.batching.max_queued_rows = absl::GetFlag(FLAGS_max_queued_rows);
+  options.engine.batching.num_threads = absl::GetFlag(FLAGS_batch_threads);
+  options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.intra_op_threads = deltaserve::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
+  options.blas = deltaserve::LoadedBlas();
+  DS_LOG(INFO) << "deltaserve " << deltaserve::kDeltaserveVersion << " (LibTorch " << deltaserve::TorchVersion()
+               << ", BLAS " << options.blas << ", " << options.intra_op_threads << " intra-op threads)";
+  DS_LOG(WARNING) << "authentication is OFF: every caller is trusted (local use only)";
+
+  auto server = deltaserve::service::DeltaServer::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "deltaserve: cannot start: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  if (const std::string port_file = absl::GetFlag(FLAGS_port_file); !port_file.empty()) {
+    const std::string tmp = port_file + ".tmp";
+    if (std::FILE* f = std::fopen(tmp.c_str(), "w")) {
+      std::fprintf(f, "%d %d\n", (*server)->port(), (*server)->metrics_port());
+      std::fclose(f);
+      std::rename(tmp.c_str(), port_file.c_str());
+    } else {
+      DS_LOG(ERROR) << "cannot write --port_file " << port_file;
+    }
+  }
+  std::thread signal_thread([&signals, s = server->get()] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    DS_LOG(INFO) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << "; draining";
+    s->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  });
+  (*server)->Wait();
+  signal_thread.join();
+  server->reset();
+  return 0;
+}

@@ -1,0 +1,138 @@
+// Model: one frozen pre-trained encoder held in memory, with a batched forward pass and named hook points where the
+// delta methods of later issues attach (LoRA, adapters, prefix / prompt tuning, BitFit, LN-tuning, (IA)^3).
+//
+// A Model owns its weights (on options.device, in options.dtype) and its Tokenizer. Forward() is const and keeps
+// no state between calls, so one Model serves any number of threads at once: thread-safe.
+//
+// Module names. Every model exposes a flat list of modules with stable dotted names modelled on Hugging Face's
+// BERT (`embeddings.word_embeddings`, `encoder.layer.0.attention.self.query`, `encoder.layer.0.output.dense`, ...);
+// delta targets are patterns over these names. Parameters are named `<module>.weight` / `<module>.bias`.
+//
+// Hook points. Forward() calls `hooks` (when non-null) at fixed points; with hooks == nullptr it runs the plain
+// forward and pays nothing for them. Each hook sees the whole batch; a hook that applies per-row deltas knows which
+// row carries which delta. Shapes: B rows, T tokens, H hidden, NH heads, DH head dim.
+#ifndef DELTASERVE_SERVER_MODEL_MODEL_H_
+#define DELTASERVE_SERVER_MODEL_MODEL_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ATen/core/Tensor.h"
+#include "absl/status/statusor.h"
+#include "server/model/tokenizer.h"
+
+namespace deltaserve {
+namespace model {
+
+enum class ModuleKind {
+  kEmbedding,   // a lookup table; input ids -> [B,T,H]
+  kLinear,      // y = x W^T + b (W is [out, in])
+  kLayerNorm,   // y = (x - mean) / sqrt(var + eps) * gain + bias
+  kAttention,   // a self-attention block (the key/value hook point of prefix tuning)
+  kBlockOutput, // the output of a sub-layer (attention or FFN) before its residual add (sequential adapters)
+};
+
+const char* ModuleKindName(ModuleKind kind);
+
+struct ModuleInfo {
+  std::string name;        // stable dotted name, e.g. "encoder.layer.0.attention.self.query"
+  ModuleKind kind = ModuleKind::kLinear;
+  int64_t layer = -1;      // transformer layer index, -1 outside the stack
+  int64_t in_features = 0;   // kLinear: input width; kLayerNorm / kBlockOutput / kEmbedding: hidden width
+  int64_t out_features = 0;  // kLinear: output width; kAttention: NH * DH
+  bool has_bias = false;     // kLinear / kLayerNorm: whether the base module has a bias
+  int64_t num_heads = 0;     // kAttention only
+  int64_t head_dim = 0;      // kAttention only
+};
+
+// The forward-pass hook points. Every method has a no-op default; implementations override what they need.
+// All tensors are on the model's device in its compute dtype, except masks (bool).
+class ForwardHooks {
+ public:
+  virtual ~ForwardHooks() = default;
+
+  // After the token embedding lookup, before positions (and anything else) are added. `hidden` is [B,T,H],
+  // `mask` [B,T] (true = real token). Prompt tuning splices soft tokens here and may change T and the mask; the
+  // model derives position ids from the mask (cumsum over real tokens), so a row keeps the positions it would have
+  // alone wherever padding sits.
+  virtual void OnTokenEmbeddings(at::Tensor* hidden, at::Tensor* mask) {}
+
+  // After a linear layer computed `*output` from `input`. LoRA, BitFit (bias deltas), (IA)^3 and parallel
+  // adapters add to or scale `*output` here. For fused projections (use-lite's qkv) the model calls this once per
+  // logical module with the same input and that module's slice of the output.
+  virtual void OnLinear(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) {}
+
+  // After a layer norm computed `*output` from `input` (LN-tuning).
+  virtual void OnLayerNorm(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) {}
+
+  // Inside self-attention, after keys and values are computed and split into heads ([B,NH,T,DH]) and before the
+  // scores. `key_mask` is [B,Tk] (true = attend). Prefix tuning prepends per-row key/value prefixes and extends
+  // the mask; queries are not changed, so the output keeps T rows.
+  virtual void OnAttentionKeyValue(const ModuleInfo& attention, at::Tensor* keys, at::Tensor* values,
+                                   at::Tensor* key_mask) {}
+
+  // The output of a sub-layer (kBlockOutput modules: "encoder.layer.N.attention.output" and
+  // "encoder.layer.N.output") before its residual add; [B,T,H]. Sequential adapters transform it here.
+  virtual void OnBlockOutput(const ModuleInfo& block, at::Tensor* hidden) {}
+};
+
+// A batch of token ids, left-aligned and padded on the right.
+struct ForwardInput {
+  at::Tensor input_ids;       // [B,T] int64; padding positions hold any valid id
+  at::Tensor attention_mask;  // [B,T] bool; true = real token. Every row has at least one real token.
+};
+
+struct ForwardOutput {
+  at::Tensor hidden_states;   // [B,T',H'] float32, last layer's per-token states (T' may differ from T if a hook
+                              // spliced tokens; rows are aligned with `attention_mask`)
+  at::Tensor attention_mask;  // [B,T'] bool, the mask that goes with hidden_states
+  at::Tensor pooled;          // [B,D] float32, the sentence embedding
+};
+
+struct ModelInfo {
+  std::string family;            // "use-lite", "bert"
+  std::string name;              // a human name from the model directory (e.g. "use-lite-energetic-0.2.0")
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;       // width of hidden_states
+  int64_t embedding_dim = 0;     // width of pooled
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t max_sequence_length = 0;  // longest input (in tokens, specials included) the model accepts
+  int64_t num_parameters = 0;
+  std::string pooling;           // how `pooled` is made, e.g. "mean+tanh+l2" or "cls"
+  std::string dtype;             // compute dtype: "float32" or "bfloat16"
+  std::string device;            // e.g. "cpu", "cuda:0"
+};
+
+struct ModelOptions {
+  // Where the weights live and the forward runs: "cpu", "cuda", "cuda:N".
+  std::string device = "cpu";
+  // Compute dtype: "float32" (exact) or "bfloat16" (oneDNN on CPUs with AVX512-BF16 / AMX; outputs stay float32).
+  std::string dtype = "float32";
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  virtual const ModelInfo& info() const = 0;
+  virtual const Tokenizer& tokenizer() const = 0;
+  // Every module in forward order.
+  virtual const std::vector<ModuleInfo>& modules() const = 0;
+  // Every parameter by dotted name ("<module>.weight", "<module>.bias"), on the model's device. Frozen.
+  virtual const std::map<std::string, at::Tensor>& parameters() const = 0;
+
+  // The batched forward pass under inference mode.
+  // REQUIRES: input.input_ids is [B,T] int64 with ids in [0, vocab_size), 1 <= T <= max_sequence_length,
+  //           input.attention_mask is [B,T] bool with a true first column. Violations are INVALID_ARGUMENT.
+  // Each row's result equals that row run alone (within 1e-5 in float32).
+  virtual absl::StatusOr<ForwardOutput> Forward(const ForwardInput& input, ForwardHooks* hooks) const = 0;
+};
+
+}  // namespace model
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_SERVER_MODEL_MODEL_H_

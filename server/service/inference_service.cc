@@ -1,0 +1,131 @@
+#include "server/service/inference_service.h"
+
+#include <utility>
+
+#include "absl/time/clock.h"
+#include "server/service/grpc_status.h"
+
+namespace deltaserve {
+namespace service {
+namespace {
+
+namespace pb = ::deltaserve::v1;
+
+inference::EmbedRequest FromProto(const pb::EmbedRequest& in) {
+  inference::EmbedRequest out;
+  out.tenant = in.tenant();
+  if (in.has_task()) {
+    out.task.task = in.task().task();
+    switch (in.task().selector_case()) {
+      case pb::TaskRef::kVersion:
+        out.task.version = in.task().version();
+        if (out.task.version == 0) out.task.version = -1;  // set but invalid: still "not empty"
+        break;
+      case pb::TaskRef::kLabel:
+        out.task.label = in.task().label();
+        break;
+      case pb::TaskRef::kDigest:
+        out.task.digest = in.task().digest();
+        break;
+      case pb::TaskRef::SELECTOR_NOT_SET:
+        break;
+    }
+  }
+  out.texts.assign(in.texts().begin(), in.texts().end());
+  out.token_ids.reserve(in.token_ids_size());
+  for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
+  out.return_token_embeddings = in.return_token_embeddings();
+  out.return_token_ids = in.return_token_ids();
+  switch (in.truncation()) {
+    case pb::TRUNCATION_TRUNCATE:
+      out.truncation = inference::Truncation::kTruncate;
+      break;
+    case pb::TRUNCATION_ERROR:
+      out.truncation = inference::Truncation::kError;
+      break;
+    default:
+      out.truncation = inference::Truncation::kDefault;
+  }
+  return out;
+}
+
+void ToProto(inference::EmbedResponse&& in, const std::string& model_name, pb::EmbedResponse* out) {
+  out->set_model(model_name);
+  out->mutable_results()->Reserve(static_cast<int>(in.results.size()));
+  for (inference::EmbedResult& r : in.results) {
+    pb::EmbedResult* result = out->add_results();
+    result->mutable_embedding()->mutable_values()->Add(r.embedding.begin(), r.embedding.end());
+    result->set_num_tokens(static_cast<int32_t>(r.num_tokens));
+    result->set_truncated(r.truncated);
+    if (!r.token_embeddings.empty()) {
+      const int64_t h = in.hidden_size;
+      for (int64_t t = 0; t < r.num_tokens; ++t) {
+        auto* values = result->add_token_embeddings()->mutable_values();
+        values->Add(r.token_embeddings.begin() + t * h, r.token_embeddings.begin() + (t + 1) * h);
+      }
+    }
+    result->mutable_token_ids()->Add(r.token_ids.begin(), r.token_ids.end());
+  }
+}
+
+}  // namespace
+
+InferenceServiceImpl::InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics,
+                                           ServerFacts facts)
+    : engine_(engine), metrics_(metrics), facts_(std::move(facts)) {}
+
+grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb::EmbedRequest* request,
+                                         pb::EmbedResponse* response) {
+  const absl::Time start = absl::Now();
+  inference::CallContext call;
+  call.deadline = absl::FromChrono(context->deadline());
+  call.is_cancelled = [context] { return context->IsCancelled(); };
+  absl::StatusOr<inference::EmbedResponse> result = engine_->Embed(FromProto(*request), call);
+  if (result.ok()) {
+    metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
+    ToProto(*std::move(result), engine_->model().info().name, response);
+  }
+  const absl::Status status = result.status();
+  metrics_->RecordRequest("Embed", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
+                                                const pb::GetModelInfoRequest* request,
+                                                pb::GetModelInfoResponse* response) {
+  const absl::Time start = absl::Now();
+  const model::ModelInfo& info = engine_->model().info();
+  pb::ModelInfo* m = response->mutable_model();
+  m->set_family(info.family);
+  m->set_name(info.name);
+  m->set_embedding_dim(info.embedding_dim);
+  m->set_hidden_size(info.hidden_size);
+  m->set_num_layers(info.num_layers);
+  m->set_num_heads(info.num_heads);
+  m->set_vocab_size(info.vocab_size);
+  m->set_max_sequence_length(engine_->max_sequence_length());
+  m->set_num_parameters(info.num_parameters);
+  m->set_pooling(info.pooling);
+  m->set_dtype(info.dtype);
+  m->set_device(info.device);
+  m->set_num_special_tokens(static_cast<int32_t>(engine_->model().tokenizer().NumSpecialTokens()));
+  const inference::InferenceEngine::Options& options = engine_->options();
+  pb::ServerLimits* limits = response->mutable_limits();
+  limits->set_max_inputs_per_request(options.max_inputs_per_request);
+  limits->set_max_text_bytes(options.max_text_bytes);
+  limits->set_max_receive_message_bytes(facts_.max_receive_message_bytes);
+  limits->set_max_batch_rows(options.batching.max_batch_rows);
+  limits->set_max_batch_tokens(options.batching.max_batch_tokens);
+  limits->set_truncate_by_default(options.truncate_by_default);
+  response->set_server_version(facts_.server_version);
+  response->set_api_version("deltaserve.v1");
+  response->set_torch_version(facts_.torch_version);
+  response->set_blas(facts_.blas);
+  response->set_intra_op_threads(facts_.intra_op_threads);
+  response->set_model_load_seconds(facts_.model_load_seconds);
+  metrics_->RecordRequest("GetModelInfo", absl::StatusCode::kOk, absl::Now() - start);
+  return grpc::Status::OK;
+}
+
+}  // namespace service
+}  // namespace deltaserve

@@ -1,0 +1,47 @@
+// InferenceServiceImpl: the gRPC glue of deltaserve.v1.InferenceService. Handlers are thin: they time the call,
+// convert the proto to the engine's request, delegate to the InferenceEngine, convert the status (ToGrpcStatus)
+// and the result, and record metrics. No logic lives here.
+//
+// Does not own the engine or the metrics; both must outlive it. Thread-safe (gRPC calls handlers concurrently).
+#ifndef DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
+#define DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
+
+#include <string>
+
+#include "deltaserve/v1/inference.grpc.pb.h"
+#include "server/inference/inference_engine.h"
+#include "server/metrics/metrics.h"
+
+namespace deltaserve {
+namespace service {
+
+// Facts about the running server that GetModelInfo reports besides the model's own.
+struct ServerFacts {
+  std::string server_version;
+  std::string torch_version;
+  std::string blas;
+  int intra_op_threads = 0;
+  double model_load_seconds = 0;
+  int64_t max_receive_message_bytes = 0;
+};
+
+class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Service {
+ public:
+  // REQUIRES: engine and metrics outlive this object.
+  InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics, ServerFacts facts);
+
+  grpc::Status Embed(grpc::ServerContext* context, const deltaserve::v1::EmbedRequest* request,
+                     deltaserve::v1::EmbedResponse* response) override;
+  grpc::Status GetModelInfo(grpc::ServerContext* context, const deltaserve::v1::GetModelInfoRequest* request,
+                            deltaserve::v1::GetModelInfoResponse* response) override;
+
+ private:
+  inference::InferenceEngine* const engine_;
+  metrics::ServerMetrics* const metrics_;
+  const ServerFacts facts_;
+};
+
+}  // namespace service
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_

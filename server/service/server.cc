@@ -1,0 +1,108 @@
+#include "server/service/server.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "server/common/logging.h"
+#include "server/common/status_macros.h"
+#include "server/metrics/http_server.h"
+#include "server/metrics/metrics.h"
+#include "server/model/model_loader.h"
+#include "server/service/inference_service.h"
+#include "server/service/version.h"
+
+namespace deltaserve {
+namespace service {
+
+absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& options) {
+  std::unique_ptr<DeltaServer> server(new DeltaServer());
+  server->options_ = options;
+  server->metrics_ = std::make_unique<metrics::ServerMetrics>();
+
+  const absl::Time load_start = absl::Now();
+  DS_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::LoadModel(options.model_dir, options.model));
+  const double load_seconds = absl::ToDoubleSeconds(absl::Now() - load_start);
+  server->model_ = std::move(model);
+  const model::ModelInfo& info = server->model_->info();
+  DS_LOG(INFO) << "loaded " << info.family << " model '" << info.name << "' from " << options.model_dir << " ("
+               << info.num_parameters << " parameters, " << info.dtype << " on " << info.device << ") in "
+               << load_seconds << " s";
+  server->metrics_->SetModelLoadSeconds(load_seconds);
+  server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
+
+  DS_ASSIGN_OR_RETURN(server->engine_,
+                      inference::InferenceEngine::Create(server->model_, options.engine, server->metrics_.get()));
+
+  ServerFacts facts;
+  facts.server_version = kDeltaserveVersion;
+  facts.torch_version = TorchVersion();
+  facts.blas = options.blas;
+  facts.intra_op_threads = options.intra_op_threads;
+  facts.model_load_seconds = load_seconds;
+  facts.max_receive_message_bytes = options.max_receive_message_bytes;
+  server->inference_service_ =
+      std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.SetMaxSendMessageSize(-1);
+  builder.RegisterService(server->inference_service_.get());
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address, " (in use, or not a valid host:port)"));
+  }
+  if (!options.metrics_address.empty()) {
+    server->metrics_http_ = std::make_unique<metrics::MetricsHttpServer>(
+        metrics::MetricsHttpServer::Options{options.metrics_address},
+        [m = server->metrics_.get()] { return m->Serialize(); });
+    DS_RETURN_IF_ERROR(server->metrics_http_->Start());
+  }
+  server->server_->GetHealthCheckService()->SetServingStatus(true);
+  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.InferenceService", true);
+  DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_ << ")"
+               << (server->metrics_http_ ? absl::StrCat(", metrics on http://", options.metrics_address,
+                                                        "/metrics (port ", server->metrics_http_->port(), ")")
+                                         : std::string());
+  return server;
+}
+
+DeltaServer::~DeltaServer() { Shutdown(absl::ZeroDuration()); }
+
+int DeltaServer::metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
+
+void DeltaServer::Shutdown(absl::Duration drain) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (server_) {
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    // Stops accepting new calls and waits up to `drain` for in-flight ones, then cancels what is left.
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::microseconds(absl::ToInt64Microseconds(drain)));
+  }
+  if (engine_) engine_->Stop();
+  if (metrics_http_) metrics_http_->Stop();
+  if (server_) server_->Wait();
+  DS_LOG(INFO) << "server stopped";
+  absl::MutexLock lock(&mu_);
+  stopped_ = true;
+}
+
+void DeltaServer::Wait() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(&stopped_));
+}
+
+}  // namespace service
+}  // namespace deltaserve

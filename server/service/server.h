@@ -1,0 +1,85 @@
+// DeltaServer: the whole deltaserve process minus flag parsing: loads the model, builds the inference engine,
+// starts the gRPC server (InferenceService, grpc.health.v1, reflection) and the metrics HTTP endpoint, and shuts
+// all of it down gracefully.
+//
+// Owns every component it starts. Thread-safe: Shutdown() may be called from any thread (e.g. a signal thread)
+// while another thread is in Wait().
+#ifndef DELTASERVE_SERVER_SERVICE_SERVER_H_
+#define DELTASERVE_SERVER_SERVICE_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/inference/inference_engine.h"
+#include "server/model/model.h"
+
+namespace grpc {
+class Server;
+}
+
+namespace deltaserve {
+namespace metrics {
+class ServerMetrics;
+class MetricsHttpServer;
+}  // namespace metrics
+namespace service {
+
+class InferenceServiceImpl;
+
+class DeltaServer {
+ public:
+  struct Options {
+    // gRPC listen address, "host:port"; port 0 picks a free port (see port()).
+    std::string listen_address = "127.0.0.1:50051";
+    // Metrics HTTP listen address ("" disables the endpoint); port 0 picks a free port.
+    std::string metrics_address = "127.0.0.1:9464";
+    // The model directory (docs/MODELS.md).
+    std::string model_dir = "models/use-lite";
+    // Device and compute dtype of the model.
+    model::ModelOptions model;
+    // Request limits and batching.
+    inference::InferenceEngine::Options engine;
+    // Largest gRPC message accepted, in bytes.
+    int max_receive_message_bytes = 16 << 20;
+    // Facts reported by GetModelInfo and the metrics.
+    std::string blas = "unknown";
+    int intra_op_threads = 0;
+  };
+
+  // Loads the model and starts serving. Errors: the model directory's (NOT_FOUND, INVALID_ARGUMENT, ...), or
+  // UNAVAILABLE when an address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<DeltaServer>> Start(const Options& options);
+  ~DeltaServer();
+
+  // Graceful shutdown: health turns NOT_SERVING, the server stops accepting calls, in-flight calls get up to
+  // `drain` to finish (then are cancelled), queued rows are finished, the metrics endpoint stops. Idempotent.
+  void Shutdown(absl::Duration drain);
+  // Blocks until Shutdown() has completed.
+  void Wait();
+
+  int port() const { return port_; }
+  int metrics_port() const;
+  const model::Model& model() const { return *model_; }
+
+ private:
+  DeltaServer() = default;
+
+  Options options_;
+  std::shared_ptr<const model::Model> model_;
+  std::unique_ptr<metrics::ServerMetrics> metrics_;
+  std::unique_ptr<inference::InferenceEngine> engine_;
+  std::unique_ptr<InferenceServiceImpl> inference_service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<metrics::MetricsHttpServer> metrics_http_;
+  int port_ = 0;
+  absl::Mutex mu_;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;  // Shutdown() has begun
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;    // Shutdown() has finished
+};
+
+}  // namespace service
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_SERVER_SERVICE_SERVER_H_
