@@ -1,0 +1,145 @@
+#!/usr/bin/python3
+"""An independent client: Python stubs generated from proto/ with Debian's grpc-tools, calling a real deltaserve.
+
+Run by ctest as: python_client_test.py --deltaserve BIN --source DIR [--model_dir DIR]
+Skips (exit 0 with a message) when the converted model or grpc_tools is missing.
+"""
+import argparse
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+ARGS = None
+
+
+def generate_stubs(source, out):
+    from grpc_tools import protoc
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    for root, proto in ((os.path.join(source, "proto"), "deltaserve/v1/inference.proto"),
+                        ("/usr/share/grpc-proto", "grpc/health/v1/health.proto")):
+        rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}",
+                          f"--grpc_python_out={out}", os.path.join(root, proto)])
+        if rc != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+    for d in ("deltaserve", "deltaserve/v1", "grpc", "grpc/health", "grpc/health/v1"):
+        p = os.path.join(out, d)
+        if os.path.isdir(p):
+            open(os.path.join(p, "__init__.py"), "a").close()
+
+
+class PythonClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="dspy.")
+        stubs = os.path.join(cls.tmp, "stubs")
+        os.makedirs(stubs)
+        generate_stubs(ARGS.source, stubs)
+        # The generated health stubs live in a package named `grpc`, which would shadow grpcio: import them by
+        # path under another name.
+        sys.path.insert(0, stubs)
+        import importlib.util
+        from deltaserve.v1 import inference_pb2, inference_pb2_grpc
+        cls.pb, cls.pb_grpc = inference_pb2, inference_pb2_grpc
+        sys.path.remove(stubs)
+        health_dir = os.path.join(stubs, "grpc", "health", "v1")
+        spec = importlib.util.spec_from_file_location("health_pb2", os.path.join(health_dir, "health_pb2.py"))
+        cls.health_pb2 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cls.health_pb2)
+        sys.modules["grpc.health.v1.health_pb2"] = cls.health_pb2
+        spec = importlib.util.spec_from_file_location("health_pb2_grpc",
+                                                      os.path.join(health_dir, "health_pb2_grpc.py"))
+        cls.health_pb2_grpc = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cls.health_pb2_grpc)
+        import grpc
+        cls.grpc = grpc
+
+        port_file = os.path.join(cls.tmp, "ports")
+        cls.log = open(os.path.join(cls.tmp, "log"), "w")
+        cls.proc = subprocess.Popen([ARGS.deltaserve, "--model_dir=" + ARGS.model_dir, "--listen=127.0.0.1:0",
+                                     "--metrics_listen=127.0.0.1:0", "--port_file=" + port_file,
+                                     "--max_inputs_per_request=32"],
+                                    stdout=cls.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not os.path.exists(port_file):
+            if cls.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("deltaserve did not start: " + open(os.path.join(cls.tmp, "log")).read())
+            time.sleep(0.02)
+        port = int(open(port_file).read().split()[0])
+        cls.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(cls.channel).result(timeout=60)
+        cls.stub = cls.pb_grpc.InferenceServiceStub(cls.channel)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.channel.close()
+        cls.proc.send_signal(signal.SIGTERM)
+        cls.proc.wait(timeout=60)
+        cls.log.close()
+
+    def test_health_check_reports_serving(self):
+        stub = self.health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(self.health_pb2.HealthCheckRequest(service=""), timeout=10)
+        self.assertEqual(resp.status, self.health_pb2.HealthCheckResponse.SERVING)
+
+    def test_model_info_describes_use_lite(self):
+        info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=10)
+        self.assertEqual(info.model.family, "use-lite")
+        self.assertEqual(info.model.embedding_dim, 512)
+        self.assertEqual(info.api_version, "deltaserve.v1")
+
+    def test_embeddings_are_unit_vectors_and_similar_sentences_are_closer(self):
+        texts = ["I love this movie.", "This film is wonderful.", "The stock market fell sharply today."]
+        resp = self.stub.Embed(self.pb.EmbedRequest(texts=texts), timeout=30)
+        vecs = [list(r.embedding.values) for r in resp.results]
+        self.assertEqual(len(vecs), 3)
+        for v in vecs:
+            self.assertEqual(len(v), 512)
+            self.assertAlmostEqual(math.sqrt(sum(x * x for x in v)), 1.0, places=4)
+        cos = lambda a, b: sum(x * y for x, y in zip(a, b))
+        self.assertGreater(cos(vecs[0], vecs[1]), cos(vecs[0], vecs[2]) + 0.3)
+
+    def test_bad_input_gets_invalid_argument(self):
+        with self.assertRaises(self.grpc.RpcError) as ctx:
+            self.stub.Embed(self.pb.EmbedRequest(token_ids=[self.pb.TokenIds(ids=[1, -5])]), timeout=10)
+        self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("out of range", ctx.exception.details())
+        with self.assertRaises(self.grpc.RpcError) as ctx:
+            self.stub.Embed(self.pb.EmbedRequest(texts=["x"] * 33), timeout=10)
+        self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_task_reference_is_failed_precondition(self):
+        req = self.pb.EmbedRequest(texts=["x"], task=self.pb.TaskRef(task="t", version=3))
+        with self.assertRaises(self.grpc.RpcError) as ctx:
+            self.stub.Embed(req, timeout=10)
+        self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--deltaserve", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--model_dir", default="")
+    ARGS, rest = parser.parse_known_args()
+    if not ARGS.model_dir:
+        ARGS.model_dir = os.environ.get("DS_USE_LITE_DIR") or os.path.join(ARGS.source, "models", "use-lite")
+    if not os.path.exists(os.path.join(ARGS.model_dir, "model.safetensors")):
+        print(f"SKIPPED: no converted model in {ARGS.model_dir}; run `bash scripts/setup.sh build`")
+        return 0
+    try:
+        import grpc  # noqa: F401
+        import grpc_tools  # noqa: F401
+    except ImportError as e:
+        print(f"SKIPPED: {e}; apt-get install python3-grpcio python3-grpc-tools")
+        return 0
+    result = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2).result
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+// Integration tests: a real deltaserve process serving the real use-lite model on 127.0.0.1, called over real
+// gRPC by the C++ client library and by deltactl.
+#include <signal.h>
+
+#include <atomic>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "client/client.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/server/server_process.h"
+
+namespace deltaserve {
+namespace {
+
+using ::deltaserve::testing::ServerProcess;
+using ::testing::HasSubstr;
+namespace pb = ::deltaserve::v1;
+
+double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
+  double dot = 0, na = 0, nb = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    dot += double(a[i]) * b[i];
+    na += double(a[i]) * a[i];
+    nb += double(b[i]) * b[i];
+  }
+  return dot / std::sqrt(na * nb);
+}
+
+float MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  float m = a.size() == b.size() ? 0.f : INFINITY;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+std::vector<float> Values(const pb::Vector& v) { return {v.values().begin(), v.values().end()}; }
+
+// The reference: sentences, token ids and embeddings computed by the upstream TF.js runtime.
+nlohmann::json LoadReference() {
+  for (const std::string& path :
+       {testing::SourceDir() + "/tests/data/use_lite/reference_embeddings.json",
+        testing::SharedDataDir() + "/use-lite-energetic/reference_embeddings.json"}) {
+    std::ifstream in(path);
+    if (!in) continue;
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return nlohmann::json::parse(ss.str());
+  }
+  return nlohmann::json();
+}
+
+class ServerIntegrationTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model_dir_ = new std::string(testing::UseLiteModelDir());
+    if (model_dir_->empty()) return;
+    auto server = ServerProcess::Start({"--model_dir=" + *model_dir_, "--max_inputs_per_request=64",
+                                        "--max_message_bytes=1048576", "--max_text_bytes=200000",
+                                        "--max_queue_delay_ms=20", "--threads=2"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+    delete model_dir_;
+  }
+  void SetUp() override {
+    if (model_dir_->empty()) {
+      GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build` (or set DS_USE_LITE_DIR)";
+    }
+    ASSERT_NE(server_, nullptr);
+    client::DeltaserveClient::Options options;
+    options.target = server_->address();
+    client_ = std::make_unique<client::DeltaserveClient>(options);
+  }
+
+  absl::StatusOr<pb::EmbedResponse> EmbedTexts(const std::vector<std::string>& texts) {
+    pb::EmbedRequest request;
+    for (const auto& t : texts) request.add_texts(t);
+    return client_->Embed(request);
+  }
+
+  static std::string* model_dir_;
+  static ServerProcess* server_;
+  std::unique_ptr<client::DeltaserveClient> client_;
+};
+
+std::string* ServerIntegrationTest::model_dir_ = nullptr;
+ServerProcess* ServerIntegrationTest::server_ = nullptr;
+
+TEST_F(ServerIntegrationTest, ReportsServingOnTheStandardHealthService) {
+  EXPECT_EQ(*client_->Health(), "SERVING");
+  EXPECT_EQ(*client_->Health("deltaserve.v1.InferenceService"), "SERVING");
+  EXPECT_EQ(client_->Health("no.such.Service").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(ServerIntegrationTest, GetModelInfoDescribesTheServedModel) {
+  auto info = client_->GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->model().family(), "use-lite");
+  EXPECT_EQ(info->model().embedding_dim(), 512);
+  EXPECT_GT(info->model().vocab_size(), 8000);
+  EXPECT_GT(info->model().max_sequence_length(), 0);
+  EXPECT_EQ(info->model().dtype(), "float32");
+  EXPECT_EQ(info->api_version(), "deltaserve.v1");
+  EXPECT_EQ(info->limits().max_inputs_per_request(), 64);
+  EXPECT_EQ(info->intra_op_threads(), 2);
+  EXPECT_FALSE(info->blas().empty());
+}
+
+TEST_F(ServerIntegrationTest, EmbedsTextsLikeTheUpstreamRuntime) {
+  nlohmann::json ref = LoadReference();
+  ASSERT_FALSE(ref.is_null()) << "tests/data/use_lite/reference_embeddings.json is missing";
+  std::vector<std::string> sentences = ref["sentences"].get<std::vector<std::string>>();
+  pb::EmbedRequest request;
+  for (const auto& s : sentences) request.add_texts(s);
+  request.set_return_token_ids(true);
+  auto response = client_->Embed(request);
+  ASSERT_TRUE(response.ok()) << response.status();
+  ASSERT_EQ(response->results_size(), static_cast<int>(sentences.size()));
+  for (size_t i = 0; i < sentences.size(); ++i) {
+    const pb::EmbedResult& r = response->results(i);
+    std::vector<int64_t> ids(r.token_ids().begin(), r.token_ids().end());
+    EXPECT_EQ(ids, ref["token_ids"][i].get<std::vector<int64_t>>()) << sentences[i];
+    EXPECT_GE(Cosine(Values(r.embedding()), ref["embeddings"][i].get<std::vector<float>>()), 0.9999)
+        << sentences[i];
+  }
+}
+
+TEST_F(ServerIntegrationTest, TokenIdsGiveTheSameEmbeddingAsTheirText) {
+  pb::EmbedRequest by_text;
+  by_text.add_texts("The quick brown fox jumps over the lazy dog.");
+  by_text.set_return_token_ids(true);
+  auto a = client_->Embed(by_text);
+  ASSERT_TRUE(a.ok()) << a.status();
+  pb::EmbedRequest by_ids;
+  *by_ids.add_token_ids()->mutable_ids() = a->results(0).token_ids();
+  auto b = client_->Embed(by_ids);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_LE(MaxAbsDiff(Values(a->results(0).embedding()), Values(b->results(0).embedding())), 1e-6);
+}
+
+TEST_F(ServerIntegrationTest, ReturnsPerTokenEmbeddingsWhenAsked) {
+  pb::EmbedRequest request;
+  request.add_texts("hello world");
+  request.set_return_token_embeddings(true);
+  auto info = client_->GetModelInfo();
+  auto response = client_->Embed(request);
+  ASSERT_TRUE(response.ok()) << response.status();
+  const pb::EmbedResult& r = response->results(0);
+  ASSERT_EQ(r.token_embeddings_size(), r.num_tokens());
+  for (const auto& v : r.token_embeddings()) EXPECT_EQ(v.values_size(), info->model().hidden_size());
+}
+
+TEST_F(ServerIntegrationTest, ConcurrentCallsAreBatchedAndEachGetsItsSoloResult) {
+  const std::vector<std::string> texts = {"a short one", "The stock market fell sharply today.",
+                                          "it 's a charming and often affecting journey .",
+                                          "I love this movie.", "one two three four five six seven eight nine"};
+  std::vector<std::vector<float>> solo;
+  for (const auto& t : texts) {
+    auto r = EmbedTexts({t});
+    ASSERT_TRUE(r.ok()) << r.status();
+    solo.push_back(Values(r->results(0).embedding()));
+  }
+  const std::string before = testing::HttpGet(server_->metrics_port(), "/metrics");
+  constexpr int kThreads = 16;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      const size_t k = i % texts.size();
+      auto r = EmbedTexts({texts[k]});
+      if (!r.ok() || MaxAbsDiff(Values(r->results(0).embedding()), solo[k]) > 1e-5) failures++;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  // Some forward pass must have carried more than one row: the batch-rows histogram has an observation > 1.
+  const std::string metrics = testing::HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("deltaserve_batch_rows_bucket{le=\"1\"}"));
+  auto count_of = [](const std::string& text, const std::string& key) {
+    size_t pos = text.find(key);
+    return pos == std::string::npos ? -1.0 : std::stod(text.substr(pos + key.size()));
+  };
+  const double singles = count_of(metrics, "deltaserve_batch_rows_bucket{le=\"1\"} ") -
+                         count_of(before, "deltaserve_batch_rows_bucket{le=\"1\"} ");
+  const double batches = count_of(metrics, "deltaserve_batch_rows_count ") -
+                         count_of(before, "deltaserve_batch_rows_count ");
+  EXPECT_LT(singles, batches) << "no batch had more than one row";
+}
+
+TEST_F(ServerIntegrationTest, RejectsAnEmptyRequest) {
+  auto r = client_->Embed(pb::EmbedRequest());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("no inputs"));
+}
+
+TEST_F(ServerIntegrationTest, RejectsTextsAndTokenIdsTogether) {
+  pb::EmbedRequest request;
+  request.add_texts("x");
+  request.add_token_ids()->add_ids(5);
+  auto r = client_->Embed(request);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("not both"));
+}
+
+TEST_F(ServerIntegrationTest, RejectsOutOfRangeAndNegativeTokenIds) {
+  for (int64_t bad : {int64_t{1} << 40, int64_t{-1}, int64_t{8002}}) {
+    pb::EmbedRequest request;
+    auto* ids = request.add_token_ids();
+    ids->add_ids(5);
+    ids->add_ids(bad);
+    auto r = client_->Embed(request);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(r.status().message(), HasSubstr("token_ids[0][1]")) << bad;
+  }
+}
+
+TEST_F(ServerIntegrationTest, RejectsAnEmptyTokenIdList) {
+  pb::EmbedRequest request;
+  request.add_token_ids();
+  auto r = client_->Embed(request);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("token_ids[0] is empty"));
+}
+
+TEST_F(ServerIntegrationTest, RejectsAnEmptyOrWhitespaceText) {
+  for (const std::string text : {"", "   \t\n "}) {
+    auto r = EmbedTexts({"fine", text});
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(r.status().message(), HasSubstr("texts[1]"));
+  }
+}
+
+TEST_F(ServerIntegrationTest, RejectsTooManyInputs) {
+  auto r = EmbedTexts(std::vector<std::string>(65, "hi"));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("at most 64"));
+}
+
+TEST_F(ServerIntegrationTest, TruncatesAnOverLongInputByDefaultAndRejectsItOnRequest) {
+  auto info = client_->GetModelInfo();
+  ASSERT_TRUE(info.ok());
+  const int64_t max_len = info->model().max_sequence_length();
+  std::string text;
+  for (int64_t i = 0; i < max_len + 50; ++i) absl::StrAppend(&text, "word ");
+  auto truncated = EmbedTexts({text});
+  ASSERT_TRUE(truncated.ok()) << truncated.status();
+  EXPECT_TRUE(truncated->results(0).truncated());
+  EXPECT_EQ(truncated->results(0).num_tokens(), max_len);
+
+  pb::EmbedRequest strict;
+  strict.add_texts(text);
+  strict.set_truncation(pb::TRUNCATION_ERROR);
+  auto rejected = client_->Embed(strict);
+  EXPECT_EQ(rejected.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(rejected.status().message(), HasSubstr("at most"));
+}
+
+TEST_F(ServerIntegrationTest, RejectsATextOverTheByteLimit) {
+  auto r = EmbedTexts({std::string(200001, 'a')});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("bytes"));
+}
+
+TEST_F(ServerIntegrationTest, RejectsAnOversizedMessageWithResourceExhausted) {
+  auto r = EmbedTexts({std::string(2 << 20, 'a')});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(ServerIntegrationTest, RejectsInvalidUtf8) {
+  auto r = EmbedTexts({std::string("bad \xff\xfe bytes")});
+  EXPECT_NE(r.status().code(), absl::StatusCode::kOk);
+  EXPECT_NE(r.status().code(), absl::StatusCode::kUnavailable) << "the server must not crash";
+  EXPECT_EQ(*client_->Health(), "SERVING");
+}
+
+TEST_F(ServerIntegrationTest, AnswersFailedPreconditionForATaskReference) {
+  pb::EmbedRequest request;
+  request.add_texts("hello");
+  request.mutable_task()->set_task("sentiment");
+  request.mutable_task()->set_label("prod");
+  auto r = client_->Embed(request);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(), HasSubstr("delta store"));
+}
+
+TEST_F(ServerIntegrationTest, ServesPrometheusMetricsThatPromtoolAccepts) {
+  ASSERT_TRUE(EmbedTexts({"count me"}).ok());
+  const std::string response = testing::HttpGet(server_->metrics_port(), "/metrics");
+  ASSERT_THAT(response, HasSubstr("200 OK"));
+  const std::string body = response.substr(response.find("\r\n\r\n") + 4);
+  EXPECT_THAT(body, HasSubstr("deltaserve_requests_total{code=\"OK\",rpc=\"Embed\"}"));
+  EXPECT_THAT(body, HasSubstr("deltaserve_request_duration_seconds_bucket"));
+  EXPECT_THAT(body, HasSubstr("deltaserve_batch_rows_bucket"));
+  EXPECT_THAT(body, HasSubstr("deltaserve_model_load_seconds"));
+  if (::access("/usr/bin/promtool", X_OK) != 0) {
+    GTEST_SKIP() << "promtool not installed (apt-get install prometheus); format check skipped";
+  }
+  auto check = testing::RunCommand({"/usr/bin/promtool", "check", "metrics"}, body);
+  EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
+}
+
+TEST_F(ServerIntegrationTest, DeltactlPrintsHealthInfoAndEmbeddingsAsJson) {
+  const std::string server = "--server=" + server_->address();
+  auto health = testing::RunCommand({testing::DeltactlBinary(), server, "health"});
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+  EXPECT_EQ(nlohmann::json::parse(health.out)["status"], "SERVING");
+
+  auto info = testing::RunCommand({testing::DeltactlBinary(), server, "info"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_EQ(nlohmann::json::parse(info.out)["model"]["family"], "use-lite");
+
+  auto embed = testing::RunCommand({testing::DeltactlBinary(), server, "embed", "--ids", "hello world", "I love this movie."});
+  ASSERT_EQ(embed.exit_code, 0) << embed.err;
+  auto out = nlohmann::json::parse(embed.out);
+  ASSERT_EQ(out["results"].size(), 2u);
+  EXPECT_EQ(out["results"][0]["embedding"].size(), 512u);
+  EXPECT_EQ(out["results"][0]["token_ids"], nlohmann::json({2002, 102, 311}));
+
+  auto from_stdin = testing::RunCommand({testing::DeltactlBinary(), server, "embed"}, "first line\nsecond line\n");
+  ASSERT_EQ(from_stdin.exit_code, 0) << from_stdin.err;
+  EXPECT_EQ(nlohmann::json::parse(from_stdin.out)["results"].size(), 2u);
+}
+
+TEST_F(ServerIntegrationTest, DeltactlReportsServerErrorsWithTheirCode) {
+  auto r = testing::RunCommand({testing::DeltactlBinary(), "--server=" + server_->address(), "embed", "  "});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("INVALID_ARGUMENT"));
+  auto usage = testing::RunCommand({testing::DeltactlBinary(), "frobnicate"});
+  EXPECT_EQ(usage.exit_code, 2);
+  auto down = testing::RunCommand({testing::DeltactlBinary(), "--server=127.0.0.1:1", "--timeout_s=2", "health"});
+  EXPECT_EQ(down.exit_code, 1);
+  EXPECT_THAT(down.err, HasSubstr("UNAVAILABLE"));
+}
+
+// Lifecycle: each test starts its own server.
+TEST(ServerLifecycleTest, SigtermDrainsInFlightCallsAndExitsZero) {
+  const std::string model_dir = testing::UseLiteModelDir();
+  if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
+  auto server = ServerProcess::Start({"--model_dir=" + model_dir, "--max_queue_delay_ms=200"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  client::DeltaserveClient::Options options;
+  options.target = (*server)->address();
+  std::atomic<int> ok{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 4; ++i) {
+    callers.emplace_back([&] {
+      client::DeltaserveClient client(options);
+      if (client.EmbedTexts({"drain me please"}).ok()) ok++;
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(50));  // the calls are queued (200 ms batch delay)
+  EXPECT_EQ((*server)->Stop(SIGTERM), 0) << (*server)->Log();
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(ok.load(), 4) << "in-flight calls must finish during the drain";
+  EXPECT_THAT((*server)->Log(), HasSubstr("draining"));
+}
+
+TEST(ServerLifecycleTest, ExitsNonZeroWithOneClearLineForAMissingModelDirectory) {
+  auto r = testing::RunCommand({testing::DeltaserveBinary(), "--model_dir=/nonexistent/model",
+                                "--listen=127.0.0.1:0", "--metrics_listen="});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("cannot start: NOT_FOUND: model directory /nonexistent/model does not exist"));
+}
+
+TEST(ServerLifecycleTest, ExitsNonZeroForAMalformedModelDirectory) {
+  const std::string dir = testing::MakeTempDir();
+  std::ofstream(dir + "/config.json") << "{not json";
+  auto r = testing::RunCommand({testing::DeltaserveBinary(), "--model_dir=" + dir, "--listen=127.0.0.1:0",
+                                "--metrics_listen="});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("config.json is not a JSON object"));
+
+  std::ofstream(dir + "/config.json", std::ios::trunc) << R"({"model_type": "gpt-17"})";
+  r = testing::RunCommand({testing::DeltaserveBinary(), "--model_dir=" + dir, "--listen=127.0.0.1:0",
+                           "--metrics_listen="});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("not supported"));
+
+  std::ofstream(dir + "/config.json", std::ios::trunc) << R"({"model_type": "use-lite"})";
+  r = testing::RunCommand({testing::DeltaserveBinary(), "--model_dir=" + dir, "--listen=127.0.0.1:0",
+                           "--metrics_listen="});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("cannot start"));
+}
+
+TEST(ServerLifecycleTest, RejectsAnUnknownBlasChoice) {
+  auto r = testing::RunCommand({testing::DeltaserveBinary(), "--blas=fastest", "--model_dir=/x"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--blas=fastest is not one of"));
+}
+
+}  // namespace
+}  // namespace deltaserve

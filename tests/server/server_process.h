@@ -1,0 +1,73 @@
+// Test helpers that run real processes: a `deltaserve` server on free ports on 127.0.0.1, and any command with
+// its output captured.
+//
+// ServerProcess owns the child process and its scratch directory; the destructor kills the child (SIGKILL) if it
+// still runs. Not thread-safe: use one from one thread (the server itself is called from many).
+#ifndef DELTASERVE_TESTS_SERVER_SERVER_PROCESS_H_
+#define DELTASERVE_TESTS_SERVER_SERVER_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace deltaserve {
+namespace testing {
+
+// Where things are: the source tree, the build tree, the binaries.
+std::string SourceDir();
+std::string BinaryDir();
+std::string DeltaserveBinary();
+std::string DeltactlBinary();
+// The converted default model: $DS_USE_LITE_DIR, else <source>/models/use-lite; "" when absent.
+std::string UseLiteModelDir();
+// <source>/../shared/data when it exists, else "".
+std::string SharedDataDir();
+// A fresh temporary directory.
+std::string MakeTempDir();
+
+class ServerProcess {
+ public:
+  // Starts deltaserve with `args` (plus --listen / --metrics_listen on free ports and --port_file) and waits
+  // until it serves (port file written and health SERVING) or `timeout` passes.
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::vector<std::string>& args,
+                                                              absl::Duration timeout = absl::Seconds(120));
+  ~ServerProcess();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  pid_t pid() const { return pid_; }
+  // Sends `sig` and waits for the exit; returns the exit status (128 + signal when killed).
+  int Stop(int sig, absl::Duration timeout = absl::Seconds(60));
+  // What the server wrote to stderr/stdout so far.
+  std::string Log() const;
+
+ private:
+  ServerProcess() = default;
+  pid_t pid_ = -1;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  std::string dir_;
+};
+
+struct CommandResult {
+  int exit_code = -1;  // 128 + signal when killed
+  std::string out;
+  std::string err;
+};
+// Runs `argv` with `input` on stdin and waits up to `timeout`.
+CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "",
+                         absl::Duration timeout = absl::Seconds(120));
+
+// A plain HTTP GET to 127.0.0.1:port; returns the whole response (status line, headers, body).
+std::string HttpGet(int port, const std::string& path);
+
+}  // namespace testing
+}  // namespace deltaserve
+
+#endif  // DELTASERVE_TESTS_SERVER_SERVER_PROCESS_H_
