@@ -1,0 +1,229 @@
+// Unit tests of InferenceEngine's request logic over a fake model (the real models have their own tests, and
+// the integration tests run the real server).
+#include "server/inference/inference_engine.h"
+
+#include <ATen/ops/zeros.h>
+
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace deltaserve {
+namespace inference {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// Words become ids (their length), wrapped in [CLS]=1 ... [SEP]=2, like a BERT tokenizer.
+class FakeTokenizer : public model::Tokenizer {
+ public:
+  absl::StatusOr<std::vector<int64_t>> Tokenize(absl::string_view text) const override {
+    if (text.find('\xff') != absl::string_view::npos) return absl::InvalidArgumentError("text is not valid UTF-8");
+    std::vector<int64_t> ids;
+    for (absl::string_view w : absl::StrSplit(text, ' ', absl::SkipEmpty())) ids.push_back(10 + w.size());
+    return ids;
+  }
+  absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text) const override {
+    auto ids = Tokenize(text);
+    if (!ids.ok()) return ids;
+    ids->insert(ids->begin(), 1);
+    ids->push_back(2);
+    return ids;
+  }
+  std::vector<int64_t> Truncate(const std::vector<int64_t>& ids, int64_t max_tokens) const override {
+    std::vector<int64_t> out(ids.begin(), ids.begin() + max_tokens - 1);
+    out.push_back(2);
+    return out;
+  }
+  int64_t NumSpecialTokens() const override { return 2; }
+  std::string IdToPiece(int64_t id) const override { return std::to_string(id); }
+  int64_t vocab_size() const override { return 100; }
+};
+
+// pooled[i] = {sum of row i's real ids, number of real tokens}; hidden[i][t] = {id}.
+class FakeModel : public model::Model {
+ public:
+  FakeModel() {
+    info_.family = "fake";
+    info_.name = "fake";
+    info_.vocab_size = 100;
+    info_.hidden_size = 1;
+    info_.embedding_dim = 2;
+    info_.max_sequence_length = 8;
+  }
+  const model::ModelInfo& info() const override { return info_; }
+  const model::Tokenizer& tokenizer() const override { return tokenizer_; }
+  const std::vector<model::ModuleInfo>& modules() const override { return modules_; }
+  const std::map<std::string, at::Tensor>& parameters() const override { return parameters_; }
+  absl::StatusOr<model::ForwardOutput> Forward(const model::ForwardInput& input,
+                                               model::ForwardHooks*) const override {
+    const int64_t b = input.input_ids.size(0), t = input.input_ids.size(1);
+    model::ForwardOutput out;
+    out.pooled = at::zeros({b, 2}, at::kFloat);
+    out.hidden_states = at::zeros({b, t, 1}, at::kFloat);
+    out.attention_mask = input.attention_mask;
+    auto ids = input.input_ids.accessor<int64_t, 2>();
+    auto mask = input.attention_mask.accessor<bool, 2>();
+    auto pooled = out.pooled.accessor<float, 2>();
+    auto hidden = out.hidden_states.accessor<float, 3>();
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < t; ++j) {
+        hidden[i][j][0] = static_cast<float>(ids[i][j]);
+        if (mask[i][j]) {
+          pooled[i][0] += static_cast<float>(ids[i][j]);
+          pooled[i][1] += 1;
+        }
+      }
+    }
+    return out;
+  }
+
+ private:
+  model::ModelInfo info_;
+  FakeTokenizer tokenizer_;
+  std::vector<model::ModuleInfo> modules_;
+  std::map<std::string, at::Tensor> parameters_;
+};
+
+class InferenceEngineTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<InferenceEngine> MakeEngine(InferenceEngine::Options options = {}) {
+    auto engine = InferenceEngine::Create(std::make_shared<FakeModel>(), options, nullptr);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    return *std::move(engine);
+  }
+};
+
+TEST_F(InferenceEngineTest, EmbedsEachTextWithSpecialTokensAndPaddingDoesNotLeak) {
+  auto engine = MakeEngine();
+  EmbedRequest request;
+  request.texts = {"a bb", "ccc dddd eeeee"};
+  request.return_token_ids = true;
+  request.return_token_embeddings = true;
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->results.size(), 2u);
+  EXPECT_THAT(r->results[0].token_ids, ElementsAre(1, 11, 12, 2));
+  EXPECT_THAT(r->results[0].embedding, ElementsAre(26, 4));  // padding of the shorter row is masked
+  EXPECT_THAT(r->results[1].embedding, ElementsAre(1 + 13 + 14 + 15 + 2, 5));
+  EXPECT_THAT(r->results[0].token_embeddings, ElementsAre(1, 11, 12, 2));
+  EXPECT_EQ(r->total_tokens, 9);
+}
+
+TEST_F(InferenceEngineTest, TruncatesOverLongTextsKeepingTheSpecialTokens) {
+  auto engine = MakeEngine();
+  EmbedRequest request;
+  request.texts = {"a b c d e f g h i j"};
+  request.return_token_ids = true;
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->results[0].truncated);
+  EXPECT_THAT(r->results[0].token_ids, ElementsAre(1, 11, 11, 11, 11, 11, 11, 2));
+}
+
+TEST_F(InferenceEngineTest, RejectsOverLongInputsWhenTruncationIsOff) {
+  InferenceEngine::Options options;
+  options.truncate_by_default = false;
+  auto engine = MakeEngine(options);
+  EmbedRequest request;
+  request.texts = {"a b c d e f g h i j"};
+  auto r = engine->Embed(request, {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("at most 8"));
+  request.truncation = Truncation::kTruncate;  // the request overrides the default
+  EXPECT_TRUE(engine->Embed(request, {}).ok());
+}
+
+TEST_F(InferenceEngineTest, HonoursALowerMaxSequenceLength) {
+  InferenceEngine::Options options;
+  options.max_sequence_length = 4;
+  auto engine = MakeEngine(options);
+  EXPECT_EQ(engine->max_sequence_length(), 4);
+  options.max_sequence_length = 1000;  // never above the model's own maximum
+  EXPECT_EQ(MakeEngine(options)->max_sequence_length(), 8);
+  options.max_sequence_length = 2;  // no room for a token besides the specials
+  EXPECT_EQ(InferenceEngine::Create(std::make_shared<FakeModel>(), options, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(InferenceEngineTest, RejectsBadRequestsWithMessagesNamingTheInput) {
+  auto engine = MakeEngine();
+  struct Case {
+    EmbedRequest request;
+    absl::StatusCode code;
+    std::string message;
+  };
+  std::vector<Case> cases;
+  cases.push_back({EmbedRequest{}, absl::StatusCode::kInvalidArgument, "no inputs"});
+  {
+    EmbedRequest r;
+    r.texts = {"a"};
+    r.token_ids = {{1, 2}};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "not both"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"ok", "   "};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "texts[1] has no tokens"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"bad \xff"};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "texts[0]: text is not valid UTF-8"});
+  }
+  {
+    EmbedRequest r;
+    r.token_ids = {{1, 2}, {1, 100}};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "token_ids[1][1] = 100 is out of range"});
+  }
+  {
+    EmbedRequest r;
+    r.token_ids = {{}};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "token_ids[0] is empty"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = std::vector<std::string>(257, "a");
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "too many inputs"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {std::string((1 << 20) + 1, 'a')};
+    cases.push_back({r, absl::StatusCode::kInvalidArgument, "bytes"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"a"};
+    r.task.label = "prod";
+    cases.push_back({r, absl::StatusCode::kFailedPrecondition, "delta store"});
+  }
+  for (const Case& c : cases) {
+    auto r = engine->Embed(c.request, {});
+    EXPECT_EQ(r.status().code(), c.code) << c.message;
+    EXPECT_THAT(r.status().message(), HasSubstr(c.message));
+  }
+}
+
+TEST_F(InferenceEngineTest, TokenIdInputsAreCutButGetNoSpecialTokensAdded) {
+  auto engine = MakeEngine();
+  EmbedRequest request;
+  request.token_ids = {{5, 6, 7, 8, 9, 10, 11, 12, 13, 14}};
+  request.return_token_ids = true;
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->results[0].truncated);
+  EXPECT_THAT(r->results[0].token_ids, ElementsAre(5, 6, 7, 8, 9, 10, 11, 12));
+}
+
+TEST_F(InferenceEngineTest, AnswersUnavailableAfterStop) {
+  auto engine = MakeEngine();
+  engine->Stop();
+  EmbedRequest request;
+  request.texts = {"a"};
+  EXPECT_EQ(engine->Embed(request, {}).status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace inference
+}  // namespace deltaserve
