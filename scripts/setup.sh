@@ -22,7 +22,7 @@ PACKAGES=(
   g++ make cmake ccache pkg-config
   libtorch-dev libabsl-dev
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
-  prometheus-cpp-dev nlohmann-json3-dev libssl-dev
+  prometheus-cpp-dev nlohmann-json3-dev libssl-dev libicu-dev
   libgtest-dev libgmock-dev
   libopenblas0-openmp libblis4-openmp   # fast BLAS (--blas flag); Debian's default reference BLAS is ~25x slower
   ca-certificates
