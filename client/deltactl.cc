@@ -30,7 +30,7 @@ ABSL_FLAG(bool, pretty, false, "Indent the JSON output.");
 namespace {
 
 constexpr char kUsage[] =
-    "deltactl: the deltaserve command-line client.\n"
+    "the deltaserve command-line client.\n"
     "  deltactl [--server=HOST:PORT] health\n"
     "  deltactl [--server=HOST:PORT] info\n"
     "  deltactl [--server=HOST:PORT] embed [--tokens] [--ids] [--truncation=truncate|error] [TEXT ...]\n"

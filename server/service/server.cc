@@ -14,6 +14,7 @@
 #include "server/metrics/metrics.h"
 #include "server/model/model_loader.h"
 #include "server/service/inference_service.h"
+#include "server/service/parse_error_interceptor.h"
 #include "server/service/version.h"
 
 namespace deltaserve {
@@ -55,6 +56,9 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(-1);
   builder.RegisterService(server->inference_service_.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<ParseErrorInterceptorFactory>());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(

@@ -7,6 +7,7 @@ Skips (exit 0 with a message) when the converted model or grpc_tools is missing.
 import argparse
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,18 +19,25 @@ ARGS = None
 
 
 def generate_stubs(source, out):
+    """Generates Python stubs of deltaserve.v1 and of the standard health API.
+
+    health.proto is copied under ds_health/ first: generated modules are named after the file's path, and a
+    package named `grpc` would shadow grpcio itself. The proto package (the wire name) stays grpc.health.v1.
+    """
     from grpc_tools import protoc
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    health_root = os.path.join(out, "_protos")
+    os.makedirs(os.path.join(health_root, "ds_health"))
+    shutil.copy("/usr/share/grpc-proto/grpc/health/v1/health.proto",
+                os.path.join(health_root, "ds_health", "health.proto"))
     for root, proto in ((os.path.join(source, "proto"), "deltaserve/v1/inference.proto"),
-                        ("/usr/share/grpc-proto", "grpc/health/v1/health.proto")):
+                        (health_root, "ds_health/health.proto")):
         rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}",
                           f"--grpc_python_out={out}", os.path.join(root, proto)])
         if rc != 0:
             raise RuntimeError(f"protoc failed on {proto}")
-    for d in ("deltaserve", "deltaserve/v1", "grpc", "grpc/health", "grpc/health/v1"):
-        p = os.path.join(out, d)
-        if os.path.isdir(p):
-            open(os.path.join(p, "__init__.py"), "a").close()
+    for d in ("deltaserve", "deltaserve/v1", "ds_health"):
+        open(os.path.join(out, d, "__init__.py"), "a").close()
 
 
 class PythonClientTest(unittest.TestCase):
@@ -39,22 +47,11 @@ class PythonClientTest(unittest.TestCase):
         stubs = os.path.join(cls.tmp, "stubs")
         os.makedirs(stubs)
         generate_stubs(ARGS.source, stubs)
-        # The generated health stubs live in a package named `grpc`, which would shadow grpcio: import them by
-        # path under another name.
         sys.path.insert(0, stubs)
-        import importlib.util
         from deltaserve.v1 import inference_pb2, inference_pb2_grpc
+        from ds_health import health_pb2, health_pb2_grpc
         cls.pb, cls.pb_grpc = inference_pb2, inference_pb2_grpc
-        sys.path.remove(stubs)
-        health_dir = os.path.join(stubs, "grpc", "health", "v1")
-        spec = importlib.util.spec_from_file_location("health_pb2", os.path.join(health_dir, "health_pb2.py"))
-        cls.health_pb2 = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cls.health_pb2)
-        sys.modules["grpc.health.v1.health_pb2"] = cls.health_pb2
-        spec = importlib.util.spec_from_file_location("health_pb2_grpc",
-                                                      os.path.join(health_dir, "health_pb2_grpc.py"))
-        cls.health_pb2_grpc = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cls.health_pb2_grpc)
+        cls.health_pb2, cls.health_pb2_grpc = health_pb2, health_pb2_grpc
         import grpc
         cls.grpc = grpc
 

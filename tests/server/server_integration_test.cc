@@ -230,12 +230,11 @@ TEST_F(ServerIntegrationTest, RejectsAnEmptyTokenIdList) {
   EXPECT_THAT(r.status().message(), HasSubstr("token_ids[0] is empty"));
 }
 
-TEST_F(ServerIntegrationTest, RejectsAnEmptyOrWhitespaceText) {
-  for (const std::string text : {"", "   \t\n "}) {
-    auto r = EmbedTexts({"fine", text});
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(r.status().message(), HasSubstr("texts[1]"));
-  }
+TEST_F(ServerIntegrationTest, RejectsAnEmptyText) {
+  // (Whitespace is not empty for use-lite: like upstream, it encodes to "▁" pieces.)
+  auto r = EmbedTexts({"fine", ""});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("texts[1] has no tokens"));
 }
 
 TEST_F(ServerIntegrationTest, RejectsTooManyInputs) {
@@ -276,8 +275,8 @@ TEST_F(ServerIntegrationTest, RejectsAnOversizedMessageWithResourceExhausted) {
 
 TEST_F(ServerIntegrationTest, RejectsInvalidUtf8) {
   auto r = EmbedTexts({std::string("bad \xff\xfe bytes")});
-  EXPECT_NE(r.status().code(), absl::StatusCode::kOk);
-  EXPECT_NE(r.status().code(), absl::StatusCode::kUnavailable) << "the server must not crash";
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("invalid UTF-8"));
   EXPECT_EQ(*client_->Health(), "SERVING");
 }
 
@@ -330,7 +329,7 @@ TEST_F(ServerIntegrationTest, DeltactlPrintsHealthInfoAndEmbeddingsAsJson) {
 }
 
 TEST_F(ServerIntegrationTest, DeltactlReportsServerErrorsWithTheirCode) {
-  auto r = testing::RunCommand({testing::DeltactlBinary(), "--server=" + server_->address(), "embed", "  "});
+  auto r = testing::RunCommand({testing::DeltactlBinary(), "--server=" + server_->address(), "embed", ""});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("INVALID_ARGUMENT"));
   auto usage = testing::RunCommand({testing::DeltactlBinary(), "frobnicate"});
