@@ -31,6 +31,9 @@ ABSL_FLAG(int, max_batch_rows, 32, "Most input sequences in one forward pass.");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "Most padded tokens (rows x longest row) in one forward pass.");
 ABSL_FLAG(double, max_queue_delay_ms, 2.0, "How long a queued input waits for its batch to fill, at most.");
 ABSL_FLAG(int64_t, max_queued_rows, 4096, "Most inputs waiting for a batch; beyond: RESOURCE_EXHAUSTED.");
+ABSL_FLAG(double, max_padding_ratio, 1.5,
+          "Split a batch into length-sorted forward passes when its padded tokens exceed this multiple of its real "
+          "tokens (0 = never split).");
 ABSL_FLAG(int, batch_threads, 1, "Threads running batches (1 is right on CPU).");
 ABSL_FLAG(int, max_inputs_per_request, 256, "Most texts or id lists in one Embed request.");
 ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "Longest text accepted, in bytes.");
@@ -69,6 +72,7 @@ int main(int argc, char** argv) {
   options.engine.max_text_bytes = absl::GetFlag(FLAGS_max_text_bytes);
   options.engine.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
   options.engine.truncate_by_default = absl::GetFlag(FLAGS_truncate);
+  options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
   options.engine.batching.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   options.engine.batching.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.engine.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_ms) * 1000);

@@ -144,6 +144,37 @@ absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request
 }
 
 absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows) {
+  // Rows of very different lengths waste compute on padding: run them as length-sorted sub-batches whose padded
+  // tokens stay within max_padding_ratio of their real tokens.
+  const double ratio = options_.max_padding_ratio;
+  int64_t longest = 0, real = 0;
+  for (const auto& row : rows) {
+    longest = std::max<int64_t>(longest, row.input->ids.size());
+    real += static_cast<int64_t>(row.input->ids.size());
+  }
+  if (ratio <= 0 || static_cast<double>(longest) * static_cast<double>(rows.size()) <= ratio * real) {
+    return RunForward(rows);
+  }
+  std::vector<batching::BatchRow> sorted(rows.begin(), rows.end());
+  std::stable_sort(sorted.begin(), sorted.end(), [](const batching::BatchRow& a, const batching::BatchRow& b) {
+    return a.input->ids.size() < b.input->ids.size();
+  });
+  size_t start = 0;
+  int64_t chunk_real = 0;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const int64_t len = static_cast<int64_t>(sorted[i].input->ids.size());
+    const size_t n = i - start;
+    if (n > 0 && static_cast<double>(len) * static_cast<double>(n + 1) > ratio * (chunk_real + len)) {
+      DS_RETURN_IF_ERROR(RunForward(absl::MakeConstSpan(sorted).subspan(start, n)));
+      start = i;
+      chunk_real = 0;
+    }
+    chunk_real += len;
+  }
+  return RunForward(absl::MakeConstSpan(sorted).subspan(start));
+}
+
+absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> rows) {
   const int64_t b = static_cast<int64_t>(rows.size());
   int64_t t = 0;
   for (const auto& row : rows) t = std::max<int64_t>(t, row.input->ids.size());

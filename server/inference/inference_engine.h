@@ -79,6 +79,9 @@ class InferenceEngine {
     int64_t max_sequence_length = 0;
     // What Truncation::kDefault means: true = cut over-long inputs, false = INVALID_ARGUMENT.
     bool truncate_by_default = true;
+    // A batch whose padded tokens exceed this multiple of its real tokens runs as length-sorted sub-batches
+    // (fewer wasted FLOPs on padding, a few more forward calls); 0 = always one forward per batch.
+    double max_padding_ratio = 1.5;
     // The dynamic batcher.
     batching::Batcher::Options batching;
   };
@@ -102,7 +105,10 @@ class InferenceEngine {
  private:
   InferenceEngine(std::shared_ptr<const model::Model> model, const Options& options,
                   batching::BatcherObserver* observer);
+  // Runs a batch from the batcher, split by length when padding would waste too much.
   absl::Status RunBatch(absl::Span<const batching::BatchRow> rows);
+  // One forward pass over `rows`.
+  absl::Status RunForward(absl::Span<const batching::BatchRow> rows);
 
   const std::shared_ptr<const model::Model> model_;
   const Options options_;

@@ -58,7 +58,8 @@ std::string LoadedBlas() {
     const size_t pos = line.find('/');
     if (pos == std::string::npos) continue;
     const std::string path = line.substr(pos);
-    if (!absl::EndsWith(path, "/libblas.so.3")) continue;
+    const std::string base = path.substr(path.rfind('/') + 1);
+    if (!absl::StartsWith(base, "libblas.so")) continue;
     std::string real = path;
     if (char* resolved = ::realpath(path.c_str(), nullptr)) {
       real = resolved;

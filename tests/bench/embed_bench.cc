@@ -36,6 +36,7 @@ ABSL_FLAG(double, seconds, 3, "Measuring time per batch size and path.");
 ABSL_FLAG(std::string, blas, "openblas", "openblas, blis, reference or system.");
 ABSL_FLAG(std::string, dtype, "float32", "float32 or bfloat16.");
 ABSL_FLAG(int, threads, 0, "Intra-op threads (0 = every core).");
+ABSL_FLAG(double, max_padding_ratio, 1.5, "The engine's length-split threshold (0 = one forward per batch).");
 
 namespace {
 
@@ -120,6 +121,7 @@ int main(int argc, char** argv) {
   options.engine.max_inputs_per_request = 1024;
   options.engine.batching.max_queue_delay = absl::ZeroDuration();
   options.engine.batching.max_batch_rows = 64;
+  options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
   options.blas = deltaserve::LoadedBlas();
   options.intra_op_threads = threads;
   auto server = deltaserve::service::DeltaServer::Start(options);
@@ -130,6 +132,10 @@ int main(int argc, char** argv) {
   // The in-process path: an engine over the same model object the server serves.
   std::shared_ptr<const deltaserve::model::Model> model(&(*server)->model(), [](const auto*) {});
   auto engine = deltaserve::inference::InferenceEngine::Create(model, options.engine, nullptr);
+  // The same engine without length splitting: what padding costs.
+  deltaserve::inference::InferenceEngine::Options unsplit_options = options.engine;
+  unsplit_options.max_padding_ratio = 0;
+  auto unsplit = deltaserve::inference::InferenceEngine::Create(model, unsplit_options, nullptr);
   deltaserve::client::DeltaserveClient::Options copts;
   copts.target = "127.0.0.1:" + std::to_string((*server)->port());
   deltaserve::client::DeltaserveClient client(copts);
@@ -138,7 +144,9 @@ int main(int argc, char** argv) {
   std::printf("model %s (%s, %lld parameters), dtype %s, BLAS %s, %d threads, %zu distinct sentences\n\n",
               info.name.c_str(), info.family.c_str(), static_cast<long long>(info.num_parameters),
               info.dtype.c_str(), options.blas.c_str(), threads, sentences.size());
-  std::printf("| batch | in-process sent/s | gRPC sent/s | gRPC / in-process |\n|---:|---:|---:|---:|\n");
+  std::printf(
+      "| batch | in-process sent/s | gRPC sent/s | gRPC / in-process | in-process, no length split | split / "
+      "no split |\n|---:|---:|---:|---:|---:|---:|\n");
   for (int batch : batches) {
     size_t cursor = 0;
     auto next = [&] {
@@ -146,7 +154,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < batch; ++i) texts.push_back(sentences[(cursor++) % sentences.size()]);
       return texts;
     };
-    double in_process = 0, grpc = 0;
+    double in_process = 0, grpc = 0, no_split = 0;
     // Alternate halves so that machine noise hits both paths alike.
     for (int round = 0; round < 2; ++round) {
       in_process += Throughput(batch, seconds / 2, [&] {
@@ -159,11 +167,20 @@ int main(int argc, char** argv) {
         auto r = client.EmbedTexts(next());
         if (!r.ok()) std::fprintf(stderr, "grpc embed: %s\n", r.status().ToString().c_str());
       });
+      no_split += Throughput(batch, seconds / 2, [&] {
+        deltaserve::inference::EmbedRequest request;
+        request.texts = next();
+        auto r = (*unsplit)->Embed(request, {});
+        if (!r.ok()) std::fprintf(stderr, "embed: %s\n", r.status().ToString().c_str());
+      });
     }
     in_process /= 2;
     grpc /= 2;
-    std::printf("| %d | %.1f | %.1f | %.3f |\n", batch, in_process, grpc, grpc / in_process);
-    std::fprintf(stderr, "{\"batch\": %d, \"in_process_sps\": %.2f, \"grpc_sps\": %.2f}\n", batch, in_process, grpc);
+    no_split /= 2;
+    std::printf("| %d | %.1f | %.1f | %.3f | %.1f | %.3f |\n", batch, in_process, grpc, grpc / in_process, no_split,
+                in_process / no_split);
+    std::fprintf(stderr, "{\"batch\": %d, \"in_process_sps\": %.2f, \"grpc_sps\": %.2f, \"no_split_sps\": %.2f}\n",
+                 batch, in_process, grpc, no_split);
   }
 
   // Backbone GFLOP/s: a plain forward of 32 rows x 32 tokens of random ids.

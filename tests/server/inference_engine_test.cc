@@ -4,6 +4,8 @@
 
 #include <ATen/ops/zeros.h>
 
+#include <atomic>
+
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -59,6 +61,7 @@ class FakeModel : public model::Model {
   absl::StatusOr<model::ForwardOutput> Forward(const model::ForwardInput& input,
                                                model::ForwardHooks*) const override {
     const int64_t b = input.input_ids.size(0), t = input.input_ids.size(1);
+    forward_calls++;
     model::ForwardOutput out;
     out.pooled = at::zeros({b, 2}, at::kFloat);
     out.hidden_states = at::zeros({b, t, 1}, at::kFloat);
@@ -84,6 +87,9 @@ class FakeModel : public model::Model {
   FakeTokenizer tokenizer_;
   std::vector<model::ModuleInfo> modules_;
   std::map<std::string, at::Tensor> parameters_;
+
+ public:
+  mutable std::atomic<int> forward_calls{0};
 };
 
 class InferenceEngineTest : public ::testing::Test {
@@ -214,6 +220,28 @@ TEST_F(InferenceEngineTest, TokenIdInputsAreCutButGetNoSpecialTokensAdded) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(r->results[0].truncated);
   EXPECT_THAT(r->results[0].token_ids, ElementsAre(5, 6, 7, 8, 9, 10, 11, 12));
+}
+
+TEST_F(InferenceEngineTest, SplitsABatchOfVeryDifferentLengthsIntoSortedForwardsKeepingOrder) {
+  auto model = std::make_shared<FakeModel>();
+  InferenceEngine::Options options;
+  options.max_padding_ratio = 1.5;
+  auto engine = *InferenceEngine::Create(model, options, nullptr);
+  EmbedRequest request;
+  request.token_ids = {{5, 6, 7, 8, 9, 10, 11, 12}, {3}, {4, 4, 4, 4, 4, 4, 4}, {9}};
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(model->forward_calls.load(), 2);  // {3},{9} and the two long rows
+  EXPECT_THAT(r->results[0].embedding, ElementsAre(68, 8));
+  EXPECT_THAT(r->results[1].embedding, ElementsAre(3, 1));
+  EXPECT_THAT(r->results[2].embedding, ElementsAre(28, 7));
+  EXPECT_THAT(r->results[3].embedding, ElementsAre(9, 1));
+
+  options.max_padding_ratio = 0;  // never split
+  auto one_pass = *InferenceEngine::Create(model, options, nullptr);
+  model->forward_calls = 0;
+  ASSERT_TRUE(one_pass->Embed(request, {}).ok());
+  EXPECT_EQ(model->forward_calls.load(), 1);
 }
 
 TEST_F(InferenceEngineTest, AnswersUnavailableAfterStop) {
