@@ -30,8 +30,11 @@ def generate_stubs(source, out):
     os.makedirs(os.path.join(health_root, "ds_health"))
     shutil.copy("/usr/share/grpc-proto/grpc/health/v1/health.proto",
                 os.path.join(health_root, "ds_health", "health.proto"))
+    shutil.copy("/usr/share/grpc-proto/grpc/reflection/v1alpha/reflection.proto",
+                os.path.join(health_root, "ds_health", "reflection.proto"))
     for root, proto in ((os.path.join(source, "proto"), "deltaserve/v1/inference.proto"),
-                        (health_root, "ds_health/health.proto")):
+                        (health_root, "ds_health/health.proto"),
+                        (health_root, "ds_health/reflection.proto")):
         rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}",
                           f"--grpc_python_out={out}", os.path.join(root, proto)])
         if rc != 0:
@@ -49,7 +52,8 @@ class PythonClientTest(unittest.TestCase):
         generate_stubs(ARGS.source, stubs)
         sys.path.insert(0, stubs)
         from deltaserve.v1 import inference_pb2, inference_pb2_grpc
-        from ds_health import health_pb2, health_pb2_grpc
+        from ds_health import health_pb2, health_pb2_grpc, reflection_pb2, reflection_pb2_grpc
+        cls.reflection_pb2, cls.reflection_pb2_grpc = reflection_pb2, reflection_pb2_grpc
         cls.pb, cls.pb_grpc = inference_pb2, inference_pb2_grpc
         cls.health_pb2, cls.health_pb2_grpc = health_pb2, health_pb2_grpc
         import grpc
@@ -82,6 +86,14 @@ class PythonClientTest(unittest.TestCase):
         stub = self.health_pb2_grpc.HealthStub(self.channel)
         resp = stub.Check(self.health_pb2.HealthCheckRequest(service=""), timeout=10)
         self.assertEqual(resp.status, self.health_pb2.HealthCheckResponse.SERVING)
+
+    def test_server_reflection_lists_the_services(self):
+        stub = self.reflection_pb2_grpc.ServerReflectionStub(self.channel)
+        request = self.reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in responses[0].list_services_response.service}
+        self.assertIn("deltaserve.v1.InferenceService", names)
+        self.assertIn("grpc.health.v1.Health", names)
 
     def test_model_info_describes_use_lite(self):
         info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=10)
