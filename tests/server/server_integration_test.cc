@@ -1,6 +1,7 @@
 // Integration tests: a real deltaserve process serving the real use-lite model on 127.0.0.1, called over real
 // gRPC by the C++ client library and by deltactl.
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -112,6 +113,10 @@ TEST_F(ServerIntegrationTest, GetModelInfoDescribesTheServedModel) {
   EXPECT_EQ(info->limits().max_inputs_per_request(), 64);
   EXPECT_EQ(info->intra_op_threads(), 2);
   EXPECT_FALSE(info->blas().empty());
+  // --blas defaults to openblas: where it is installed, the server must have re-executed onto it.
+  if (::access("/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3", R_OK) == 0) {
+    EXPECT_EQ(info->blas(), "openblas-openmp");
+  }
 }
 
 TEST_F(ServerIntegrationTest, EmbedsTextsLikeTheUpstreamRuntime) {
@@ -360,6 +365,29 @@ TEST(ServerLifecycleTest, SigtermDrainsInFlightCallsAndExitsZero) {
   for (auto& t : callers) t.join();
   EXPECT_EQ(ok.load(), 4) << "in-flight calls must finish during the drain";
   EXPECT_THAT((*server)->Log(), HasSubstr("draining"));
+}
+
+TEST(ServerLifecycleTest, ServesBfloat16WithEmbeddingsCloseToTheReference) {
+  const std::string model_dir = testing::UseLiteModelDir();
+  if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
+  nlohmann::json ref = LoadReference();
+  ASSERT_FALSE(ref.is_null());
+  auto server = ServerProcess::Start({"--model_dir=" + model_dir, "--dtype=bfloat16", "--blas=blis"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  client::DeltaserveClient::Options options;
+  options.target = (*server)->address();
+  client::DeltaserveClient client(options);
+  auto info = client.GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->model().dtype(), "bfloat16");
+  if (::access("/usr/lib/x86_64-linux-gnu/blis-openmp/libblas.so.3", R_OK) == 0) {
+    EXPECT_EQ(info->blas(), "blis-openmp");
+  }
+  auto embeddings = client.EmbedTexts(ref["sentences"].get<std::vector<std::string>>());
+  ASSERT_TRUE(embeddings.ok()) << embeddings.status();
+  for (size_t i = 0; i < embeddings->size(); ++i) {
+    EXPECT_GE(Cosine((*embeddings)[i], ref["embeddings"][i].get<std::vector<float>>()), 0.99);
+  }
 }
 
 TEST(ServerLifecycleTest, ExitsNonZeroWithOneClearLineForAMissingModelDirectory) {
