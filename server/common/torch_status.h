@@ -6,6 +6,8 @@
 //   absl::StatusOr<at::Tensor> out = deltaserve::TorchCall([&] { return at::matmul(a, b); }, "lora matmul");
 //   absl::Status st = deltaserve::TorchCallVoid([&] { t.copy_(u); }, "copy");
 //
+// ShapeString() formats shapes for error messages.
+//
 // Errors become INTERNAL (the inputs were validated before, so a throw is our bug or a resource problem), except
 // std::bad_alloc, which becomes RESOURCE_EXHAUSTED. Header-only, stateless: thread-safe.
 #ifndef DELTASERVE_SERVER_COMMON_TORCH_STATUS_H_
@@ -19,6 +21,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "c10/util/ArrayRef.h"
 #include "c10/util/Exception.h"
 
 namespace deltaserve {
@@ -30,6 +34,11 @@ inline absl::Status TorchErrorToStatus(absl::string_view what, absl::string_view
   return absl::InternalError(absl::StrCat(what, ": ", first));
 }
 }  // namespace internal
+
+// "[2,3]": a tensor shape for error messages.
+inline std::string ShapeString(c10::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape.begin(), shape.end(), ","), "]");
+}
 
 template <typename F>
 auto TorchCall(F&& f, absl::string_view what) -> absl::StatusOr<std::invoke_result_t<F>> {

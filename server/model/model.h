@@ -37,6 +37,12 @@ enum class ModuleKind {
 
 const char* ModuleKindName(ModuleKind kind);
 
+struct ForwardInput;
+
+// Checks the REQUIRES of Model::Forward for a model with ids in [0, vocab_size) and at most max_sequence_length
+// tokens: INVALID_ARGUMENT naming what is wrong. Every family calls it first.
+absl::Status ValidateForwardInput(const ForwardInput& input, int64_t vocab_size, int64_t max_sequence_length);
+
 struct ModuleInfo {
   std::string name;        // stable dotted name, e.g. "encoder.layer.0.attention.self.query"
   ModuleKind kind = ModuleKind::kLinear;

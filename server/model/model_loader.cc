@@ -1,11 +1,10 @@
 #include "server/model/model_loader.h"
 
-#include <fstream>
-#include <sstream>
 #include <sys/stat.h>
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
 #include "server/model/bert/bert_model.h"
 #include "server/model/use_lite/use_lite_model.h"
 
@@ -26,17 +25,13 @@ absl::StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, const M
     return absl::NotFoundError(absl::StrCat("model directory ", dir, " does not exist or is not a directory"));
   }
   const std::string config_path = dir + "/config.json";
-  std::ifstream in(config_path, std::ios::binary);
-  if (!in) {
+  absl::StatusOr<nlohmann::json> parsed = ReadJsonObject(config_path);
+  if (absl::IsNotFound(parsed.status())) {
     return absl::NotFoundError(absl::StrCat(config_path, " is missing: a model directory needs config.json, ",
                                             "model.safetensors and tokenizer files (see docs/MODELS.md)"));
   }
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json config = nlohmann::json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-  if (config.is_discarded() || !config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, " is not a JSON object"));
-  }
+  if (!parsed.ok()) return parsed.status();
+  const nlohmann::json config = *std::move(parsed);
   auto it = config.find("model_type");
   if (it == config.end() || !it->is_string()) {
     return absl::InvalidArgumentError(absl::StrCat(config_path, " has no string \"model_type\""));

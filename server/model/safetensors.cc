@@ -105,8 +105,6 @@ std::optional<SafetensorsDtype> FromScalarType(c10::ScalarType type) {
 
 std::string Quote(absl::string_view name) { return absl::StrCat("'", absl::CEscape(name), "'"); }
 
-std::string ShapeString(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ","), "]"); }
-
 absl::Status FileError(const std::string& path, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
 }

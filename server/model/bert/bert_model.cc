@@ -33,6 +33,7 @@
 #include "c10/core/InferenceMode.h"
 #include "c10/util/BFloat16.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/model/bert/wordpiece_tokenizer.h"
@@ -61,23 +62,6 @@ struct BertConfig {
   bool roberta_positions = false;  // positions start at pad_token_id + 1
   int64_t max_sequence_length = 512;
 };
-
-bool FileExists(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, " is missing or unreadable"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not a JSON object"));
-  }
-  return j;
-}
 
 absl::Status ReadPositiveInt(const nlohmann::json& j, const char* key, const std::string& path, int64_t* out,
                              bool allow_zero = false) {
@@ -229,11 +213,10 @@ absl::StatusOr<PoolingConfig> ReadPooling(const std::string& dir) {
   PoolingConfig pooling;
   const std::string modules_path = dir + "/modules.json";
   if (FileExists(modules_path)) {
-    std::ifstream in(modules_path, std::ios::binary);
-    std::stringstream buffer;
-    buffer << in.rdbuf();
-    nlohmann::json modules = nlohmann::json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-    if (modules.is_discarded() || !modules.is_array()) {
+    absl::StatusOr<nlohmann::json> parsed = ReadJsonFile(modules_path);
+    if (!parsed.ok() && parsed.status().code() != absl::StatusCode::kInvalidArgument) return parsed.status();
+    const nlohmann::json modules = parsed.ok() ? *std::move(parsed) : nlohmann::json();
+    if (!modules.is_array()) {
       return absl::InvalidArgumentError(absl::StrCat(modules_path, " is not a JSON array"));
     }
     bool have_pooling = false;
@@ -269,8 +252,6 @@ absl::StatusOr<PoolingConfig> ReadPooling(const std::string& dir) {
   pooling.cls = true;
   return pooling;
 }
-
-std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
 
 // Reads tensors out of model.safetensors by their un-prefixed HF names, checking presence and shape.
 class TensorSource {
@@ -617,41 +598,7 @@ at::Tensor BertModel::AttentionMask(const at::Tensor& key_mask) const {
 }
 
 absl::Status BertModel::ValidateInput(const ForwardInput& input) const {
-  const at::Tensor& ids = input.input_ids;
-  const at::Tensor& mask = input.attention_mask;
-  if (!ids.defined() || ids.dim() != 2 || ids.scalar_type() != at::kLong) {
-    return absl::InvalidArgumentError("input_ids must be a [B,T] int64 tensor");
-  }
-  if (!mask.defined() || mask.dim() != 2 || mask.scalar_type() != at::kBool) {
-    return absl::InvalidArgumentError("attention_mask must be a [B,T] bool tensor");
-  }
-  if (ids.sizes() != mask.sizes()) {
-    return absl::InvalidArgumentError(absl::StrCat("input_ids ", ShapeString(ids.sizes()), " and attention_mask ",
-                                                   ShapeString(mask.sizes()), " differ in shape"));
-  }
-  const int64_t B = ids.size(0), T = ids.size(1);
-  if (B < 1 || T < 1) return absl::InvalidArgumentError("the batch is empty (B and T must be at least 1)");
-  if (T > config_.max_sequence_length) {
-    return absl::InvalidArgumentError(absl::StrCat("input has ", T, " tokens, more than the model's maximum of ",
-                                                   config_.max_sequence_length));
-  }
-  int64_t min_id = 0, max_id = 0;
-  bool first_real = false;
-  DS_RETURN_IF_ERROR(TorchCallVoid(
-      [&] {
-        min_id = ids.min().item<int64_t>();
-        max_id = ids.max().item<int64_t>();
-        first_real = mask.select(1, 0).all().item<bool>();
-      },
-      "checking the input"));
-  if (min_id < 0 || max_id >= config_.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("input_ids must be in [0, ", config_.vocab_size, "), got ",
-                                                   min_id < 0 ? min_id : max_id));
-  }
-  if (!first_real) {
-    return absl::InvalidArgumentError("attention_mask must be true in the first column (every row needs a token)");
-  }
-  return absl::OkStatus();
+  return ValidateForwardInput(input, config_.vocab_size, config_.max_sequence_length);
 }
 
 absl::StatusOr<ForwardOutput> BertModel::Forward(const ForwardInput& input, ForwardHooks* hooks) const {

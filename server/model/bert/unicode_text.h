@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "server/common/utf8.h"
 
 namespace deltaserve {
 namespace model {
@@ -30,12 +31,9 @@ enum class CharClass : uint8_t {
 // The class of a code point (kOther for anything outside [0, 0x10FFFF]).
 CharClass ClassOf(char32_t c);
 
-// Decodes `text` into code points. INVALID_ARGUMENT (with the byte offset) for anything that is not well-formed
-// UTF-8: stray continuation bytes, truncated sequences, overlong forms, surrogates, code points above U+10FFFF.
-absl::Status DecodeUtf8(absl::string_view text, std::u32string* out);
-
-// Appends the UTF-8 encoding of a valid code point.
-void AppendUtf8(char32_t c, std::string* out);
+// UTF-8 decoding and encoding are shared with the other tokenizers (server/common/utf8.h).
+using ::deltaserve::AppendUtf8;
+using ::deltaserve::DecodeUtf8;
 
 // Appends the lowercase form of `c` (the Unicode simple lowercase mapping, plus U+0130 -> "i" U+0307, which is what
 // Rust's char::to_lowercase does per character).

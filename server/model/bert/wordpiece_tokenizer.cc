@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
 #include "server/common/status_macros.h"
 #include "server/model/bert/unicode_text.h"
 
@@ -26,24 +27,6 @@ constexpr int64_t kMaxVocabId = int64_t{1} << 24;
 bool FileExists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, " is missing or unreadable"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat(path, ": read error"));
-  return buffer.str();
-}
-
-absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path) {
-  DS_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not a JSON object"));
-  }
-  return j;
 }
 
 // Whitespace for the word split: the cleaned-text whitespace plus the White_Space controls that survive when
@@ -184,7 +167,7 @@ absl::StatusOr<std::unique_ptr<WordPieceTokenizer>> WordPieceTokenizer::Create(s
 
 absl::StatusOr<std::unique_ptr<WordPieceTokenizer>> WordPieceTokenizer::FromVocabFile(
     const std::string& path, const WordPieceOptions& options) {
-  DS_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  DS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   std::vector<std::string> vocab;
   size_t pos = 0;
   while (pos < text.size()) {

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/model/safetensors.h"
@@ -29,33 +30,6 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "TF.js weight shards ar
 // Graph node name prefixes of the USE-lite TF.js graph.
 constexpr char kKona[] = "module_apply_default/Encoder_en/KonaTransformer/";
 constexpr char kHidden[] = "module_apply_default/Encoder_en/hidden_layers/";
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, " is missing or unreadable"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) return absl::NotFoundError(absl::StrCat(path, " could not be read"));
-  return buffer.str();
-}
-
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view data) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.close();
-    if (!out) return absl::DataLossError(absl::StrCat("writing ", tmp, " failed"));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    return absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path));
-  }
-  return absl::OkStatus();
-}
-
-std::string ShapeString(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ","), "]"); }
 
 // The graph of model.json: node name -> (op, data inputs without ":N" output suffixes).
 class Graph {
@@ -199,7 +173,7 @@ absl::StatusOr<LayerNormNames> LayerNormWeights(const Graph& graph, const std::s
 
 absl::StatusOr<std::map<std::string, at::Tensor>> ReadTfjsWeights(const std::string& tfjs_dir) {
   const std::string model_path = tfjs_dir + "/model.json";
-  DS_ASSIGN_OR_RETURN(std::string text, ReadFile(model_path));
+  DS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(model_path));
   nlohmann::json root = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded() || !root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(model_path, " is not a JSON object"));
@@ -226,7 +200,7 @@ absl::StatusOr<std::map<std::string, at::Tensor>> ReadTfjsWeights(const std::str
         return absl::InvalidArgumentError(absl::StrCat(where, ": shard path '", rel, "' is not a plain relative name"));
       }
       const std::string path = tfjs_dir + "/" + rel;
-      DS_ASSIGN_OR_RETURN(std::string shard, ReadFile(path));
+      DS_ASSIGN_OR_RETURN(std::string shard, ReadFileToString(path));
       stream += shard;
       shard_ends.emplace_back(path, stream.size());
     }
@@ -527,11 +501,11 @@ absl::StatusOr<UseLiteConversion> ConvertUseLiteWeights(const std::string& model
 
 absl::Status ConvertUseLiteDirectory(const std::string& tfjs_dir, const std::string& out_dir,
                                      const UseLiteConvertOptions& options) {
-  DS_ASSIGN_OR_RETURN(std::string model_json, ReadFile(tfjs_dir + "/model.json"));
+  DS_ASSIGN_OR_RETURN(std::string model_json, ReadFileToString(tfjs_dir + "/model.json"));
   DS_ASSIGN_OR_RETURN(auto weights, ReadTfjsWeights(tfjs_dir));
   DS_ASSIGN_OR_RETURN(UseLiteConversion conversion, ConvertUseLiteWeights(model_json, weights, options));
   const std::string vocab_path = tfjs_dir + "/vocab.json";
-  DS_ASSIGN_OR_RETURN(std::string vocab, ReadFile(vocab_path));
+  DS_ASSIGN_OR_RETURN(std::string vocab, ReadFileToString(vocab_path));
   DS_ASSIGN_OR_RETURN(auto tokenizer, UseLiteTokenizer::FromJson(vocab, vocab_path));
   const int64_t vocab_rows = conversion.tensors.at("embeddings.word_embeddings.weight").size(0);
   if (tokenizer->vocab_size() > vocab_rows) {

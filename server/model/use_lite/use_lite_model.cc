@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
 #include "server/common/logging.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
@@ -29,8 +30,6 @@
 namespace deltaserve {
 namespace model {
 namespace {
-
-std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ","), "]"); }
 
 bool FileExists(const std::string& path) {
   struct stat st;
@@ -186,14 +185,12 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
 
   // config.json.
   const std::string config_path = dir + "/config.json";
-  std::ifstream in(config_path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(config_path, " is missing (run scripts/get_use_lite.sh)"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json json = nlohmann::json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded() || !json.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, " is not a JSON object"));
+  absl::StatusOr<nlohmann::json> parsed = ReadJsonObject(config_path);
+  if (absl::IsNotFound(parsed.status())) {
+    return absl::NotFoundError(absl::StrCat(config_path, " is missing (run scripts/get_use_lite.sh)"));
   }
+  if (!parsed.ok()) return parsed.status();
+  nlohmann::json json = *std::move(parsed);
   Config config(config_path, std::move(json));
   const nlohmann::json& c = config.json();
   if (config.String("model_type", "") != "use-lite") {
@@ -383,35 +380,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
 }
 
 absl::Status UseLiteModel::ValidateInput(const ForwardInput& input) const {
-  const at::Tensor& ids = input.input_ids;
-  const at::Tensor& mask = input.attention_mask;
-  if (!ids.defined() || ids.dim() != 2 || ids.scalar_type() != at::kLong) {
-    return absl::InvalidArgumentError("input_ids must be a [B,T] int64 tensor");
-  }
-  if (!mask.defined() || mask.dim() != 2 || mask.scalar_type() != at::kBool) {
-    return absl::InvalidArgumentError("attention_mask must be a [B,T] bool tensor");
-  }
-  if (ids.sizes() != mask.sizes()) {
-    return absl::InvalidArgumentError(absl::StrCat("input_ids ", ShapeString(ids.sizes()), " and attention_mask ",
-                                                   ShapeString(mask.sizes()), " differ in shape"));
-  }
-  const int64_t batch = ids.size(0), length = ids.size(1);
-  if (batch < 1 || length < 1) return absl::InvalidArgumentError("the batch is empty");
-  if (length > info_.max_sequence_length) {
-    return absl::InvalidArgumentError(absl::StrCat("sequence length ", length, " exceeds the model's maximum of ",
-                                                   info_.max_sequence_length, " tokens"));
-  }
-  DS_ASSIGN_OR_RETURN(int64_t min_id, TorchCall([&] { return ids.min().item<int64_t>(); }, "input_ids min"));
-  DS_ASSIGN_OR_RETURN(int64_t max_id, TorchCall([&] { return ids.max().item<int64_t>(); }, "input_ids max"));
-  if (min_id < 0 || max_id >= info_.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("input_ids hold ids in [", min_id, ", ", max_id,
-                                                   "], outside the vocabulary [0, ", info_.vocab_size, ")"));
-  }
-  DS_ASSIGN_OR_RETURN(bool first, TorchCall([&] { return mask.select(1, 0).all().item<bool>(); }, "mask check"));
-  if (!first) {
-    return absl::InvalidArgumentError("attention_mask: every row needs a real first token (a row is empty)");
-  }
-  return absl::OkStatus();
+  return ValidateForwardInput(input, info_.vocab_size, info_.max_sequence_length);
 }
 
 absl::StatusOr<ForwardOutput> UseLiteModel::Forward(const ForwardInput& input, ForwardHooks* hooks) const {

@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "server/common/file_util.h"
+#include "server/common/utf8.h"
 #include "unicode/normalizer2.h"
 #include "unicode/unistr.h"
 #include "unicode/utypes.h"
@@ -16,56 +18,6 @@ namespace model {
 namespace {
 
 constexpr char32_t kSeparator = 0x2581;  // "▁"
-
-// Strict UTF-8 decoding (no overlong forms, no surrogates, nothing above U+10FFFF). Returns the byte offset of the
-// first invalid sequence in `*bad_offset` and false when `text` is not valid UTF-8.
-bool DecodeUtf8(absl::string_view text, std::u32string* out, size_t* bad_offset) {
-  out->clear();
-  out->reserve(text.size());
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    if (c < 0x80) {
-      out->push_back(c);
-      ++i;
-      continue;
-    }
-    int len;
-    char32_t cp;
-    char32_t min;
-    if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F, min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F, min = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-      *bad_offset = i;
-      return false;
-    }
-    if (n - i < static_cast<size_t>(len)) {
-      *bad_offset = i;
-      return false;
-    }
-    for (int k = 1; k < len; ++k) {
-      const unsigned char cc = s[i + k];
-      if ((cc & 0xC0) != 0x80) {
-        *bad_offset = i;
-        return false;
-      }
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-      *bad_offset = i;
-      return false;
-    }
-    out->push_back(cp);
-    i += len;
-  }
-  return true;
-}
 
 // NFKC of valid UTF-8 `text` as code points (what JavaScript's String.prototype.normalize("NFKC") gives).
 absl::StatusOr<std::u32string> NormalizeNfkc(absl::string_view text, const std::u32string& decoded) {
@@ -125,9 +77,8 @@ absl::StatusOr<std::unique_ptr<UseLiteTokenizer>> UseLiteTokenizer::FromJson(abs
     std::string piece = entry[0].get<std::string>();
     // The upstream vocabulary has a few null scores (pieces with ':'); JavaScript adds null as 0.
     const double score = entry[1].is_null() ? 0.0 : entry[1].get<double>();
-    size_t bad = 0;
-    if (!DecodeUtf8(piece, &symbols, &bad)) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": piece ", i, " is not valid UTF-8"));
+    if (absl::Status st = DecodeUtf8(piece, &symbols); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": piece ", i, ": ", st.message()));
     }
     int32_t utf16_length = 0;
     for (char32_t c : symbols) utf16_length += c > 0xFFFF ? 2 : 1;
@@ -150,12 +101,9 @@ absl::StatusOr<std::unique_ptr<UseLiteTokenizer>> UseLiteTokenizer::FromJson(abs
 }
 
 absl::StatusOr<std::unique_ptr<UseLiteTokenizer>> UseLiteTokenizer::FromFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, " is missing or unreadable"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) return absl::NotFoundError(absl::StrCat(path, " could not be read"));
-  return FromJson(buffer.str(), path);
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) return text.status();
+  return FromJson(*text, path);
 }
 
 int32_t UseLiteTokenizer::Child(int32_t node, char32_t symbol) const {
@@ -165,10 +113,7 @@ int32_t UseLiteTokenizer::Child(int32_t node, char32_t symbol) const {
 
 absl::StatusOr<std::vector<int64_t>> UseLiteTokenizer::Tokenize(absl::string_view text) const {
   std::u32string decoded;
-  size_t bad = 0;
-  if (!DecodeUtf8(text, &decoded, &bad)) {
-    return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 (bad byte sequence at offset ", bad, ")"));
-  }
+  if (absl::Status st = DecodeUtf8(text, &decoded); !st.ok()) return st;
   absl::StatusOr<std::u32string> normalized = NormalizeNfkc(text, decoded);
   if (!normalized.ok()) return normalized.status();
   if (normalized->empty()) return std::vector<int64_t>();

@@ -567,7 +567,7 @@ TEST_F(BertModelTest, MissingOrMisshapenTensorIsAClearError) {
   m = LoadBertModel(misshapen, ModelOptions());
   EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(m.status().message()), HasSubstr("bert.encoder.layer.0.attention.self.key.weight"));
-  EXPECT_THAT(std::string(m.status().message()), HasSubstr("[32, 31]"));
+  EXPECT_THAT(std::string(m.status().message()), HasSubstr("[32,31]"));
 
   const std::string no_weights = CopyModelDir(Dir("bert"), Scratch("no_weights"));
   m = LoadBertModel(no_weights, ModelOptions());

@@ -37,8 +37,11 @@ inline constexpr char kNoModelMessage[] =
 
 inline std::string TestDataDir() { return SourceDir() + "/tests/data/use_lite"; }
 
-// The upstream TF.js package files (model.json, shards, vocab.json) from the project's shared data, when present.
+// The upstream TF.js package files (model.json, shards, vocab.json): the copy scripts/get_use_lite.sh keeps next
+// to the converted model, else the project's shared data. Empty when neither is there.
 inline std::string SharedTfjsDir() {
+  const std::string model_dir = UseLiteModelDir();
+  if (!model_dir.empty() && PathExists(model_dir + "/tfjs/model.json")) return model_dir + "/tfjs";
   const std::string dir = SourceDir() + "/../shared/data/use-lite-energetic";
   return PathExists(dir + "/model.json") ? dir : "";
 }

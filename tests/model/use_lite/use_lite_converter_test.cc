@@ -120,8 +120,8 @@ class UseLiteConverterTest : public ::testing::Test {
   void SetUp() override {
     tfjs_dir_ = testing::SharedTfjsDir();
     if (tfjs_dir_.empty()) {
-      GTEST_SKIP() << "upstream TF.js files not found at " << testing::SourceDir()
-                   << "/../shared/data/use-lite-energetic (the converter's end-to-end test needs them)";
+      GTEST_SKIP() << "upstream TF.js files not found in models/use-lite/tfjs (run scripts/get_use_lite.sh) nor in "
+                   << testing::SourceDir() << "/../shared/data/use-lite-energetic";
     }
   }
   std::string tfjs_dir_;
