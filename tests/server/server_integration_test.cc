@@ -418,6 +418,23 @@ TEST(ServerLifecycleTest, ExitsNonZeroForAMalformedModelDirectory) {
   EXPECT_THAT(r.err, HasSubstr("cannot start"));
 }
 
+TEST(ServerLifecycleTest, RejectsBadDeviceDtypeAndAddressFlagsWithOneClearLine) {
+  const std::string model_dir = testing::UseLiteModelDir();
+  if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--device=tpu", "unknown device \"tpu\""},
+      {"--dtype=float16", "unsupported dtype \"float16\""},
+      {"--metrics_listen=no-port", "metrics address 'no-port' is not host:port"},
+  };
+  for (const auto& [flag, message] : cases) {
+    auto r = testing::RunCommand({testing::DeltaserveBinary(), "--model_dir=" + model_dir, "--listen=127.0.0.1:0",
+                                  flag});
+    EXPECT_EQ(r.exit_code, 1) << flag;
+    EXPECT_THAT(r.err, HasSubstr("cannot start")) << flag;
+    EXPECT_THAT(r.err, HasSubstr(message)) << flag;
+  }
+}
+
 TEST(ServerLifecycleTest, RejectsAnUnknownBlasChoice) {
   auto r = testing::RunCommand({testing::DeltaserveBinary(), "--blas=fastest", "--model_dir=/x"});
   EXPECT_EQ(r.exit_code, 2);
