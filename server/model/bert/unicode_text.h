@@ -1,4 +1,4 @@
-// Unicode helpers for the BERT basic tokenizer, without ICU: strict UTF-8 decoding/encoding, the character classes
+// Unicode helpers for the BERT basic tokenizer, without ICU (UTF-8 itself is server/common/utf8.h): the character classes
 // the tokenizer cares about, simple lowercasing and "accent stripping" (canonical decomposition, NFD, with the
 // non-spacing marks dropped).
 //
