@@ -52,6 +52,11 @@ struct ModuleInfo {
   bool has_bias = false;     // kLinear / kLayerNorm: whether the base module has a bias
   int64_t num_heads = 0;     // kAttention only
   int64_t head_dim = 0;      // kAttention only
+  double eps = 0;            // kLayerNorm only: the epsilon of its variance
+  // kBlockOutput only: the linear module whose input is this sub-layer's input (e.g. the FFN block
+  // "encoder.layer.N.output" reads the input of "encoder.layer.N.intermediate.dense"). Parallel adapters take
+  // their input there.
+  std::string sublayer_input;
 };
 
 // The forward-pass hook points. Every method has a no-op default; implementations override what they need.
@@ -65,6 +70,11 @@ class ForwardHooks {
   // model derives position ids from the mask (cumsum over real tokens), so a row keeps the positions it would have
   // alone wherever padding sits.
   virtual void OnTokenEmbeddings(at::Tensor* hidden, at::Tensor* mask) {}
+
+  // Before a linear layer reads `*input` ([..., in]); (IA)^3 scales the input of feed-forward down-projections
+  // here. Not called for the fused q/k/v projections, whose shared input belongs to the layer norm (or block)
+  // before them: change it through OnLayerNorm.
+  virtual void OnLinearInput(const ModuleInfo& module, at::Tensor* input) {}
 
   // After a linear layer computed `*output` from `input`. LoRA, BitFit (bias deltas), (IA)^3 and parallel
   // adapters add to or scale `*output` here. For fused projections (use-lite's qkv) the model calls this once per
@@ -111,6 +121,9 @@ struct ModelInfo {
   std::string pooling;           // how `pooled` is made, e.g. "mean+tanh+l2" or "cls"
   std::string dtype;             // compute dtype: "float32" or "bfloat16"
   std::string device;            // e.g. "cpu", "cuda:0"
+  // "sha256:<hex>" of the weights file (model.safetensors), computed once at load. Delta packs record the
+  // fingerprint of the backbone they were trained on and are refused on any other.
+  std::string fingerprint;
 };
 
 struct ModelOptions {

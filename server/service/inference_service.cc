@@ -108,6 +108,7 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
   m->set_pooling(info.pooling);
   m->set_dtype(info.dtype);
   m->set_device(info.device);
+  m->set_fingerprint(info.fingerprint);
   m->set_num_special_tokens(static_cast<int32_t>(engine_->model().tokenizer().NumSpecialTokens()));
   const inference::InferenceEngine::Options& options = engine_->options();
   pb::ServerLimits* limits = response->mutable_limits();

@@ -109,6 +109,8 @@ TEST_F(ServerIntegrationTest, GetModelInfoDescribesTheServedModel) {
   EXPECT_GT(info->model().vocab_size(), 8000);
   EXPECT_GT(info->model().max_sequence_length(), 0);
   EXPECT_EQ(info->model().dtype(), "float32");
+  EXPECT_THAT(info->model().fingerprint(), ::testing::StartsWith("sha256:"));
+  EXPECT_EQ(info->model().fingerprint().size(), 7u + 64u);
   EXPECT_EQ(info->api_version(), "deltaserve.v1");
   EXPECT_EQ(info->limits().max_inputs_per_request(), 64);
   EXPECT_EQ(info->intra_op_threads(), 2);

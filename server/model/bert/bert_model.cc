@@ -34,6 +34,7 @@
 #include "c10/util/BFloat16.h"
 #include "nlohmann/json.hpp"
 #include "server/common/file_util.h"
+#include "server/common/sha256.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/model/bert/wordpiece_tokenizer.h"
@@ -430,6 +431,7 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
     ModuleInfo type{"embeddings.token_type_embeddings", ModuleKind::kEmbedding, -1, E, E};
     m->AddModule(type);
     ModuleInfo norm{"embeddings.LayerNorm", ModuleKind::kLayerNorm, -1, E, E, true};
+    norm.eps = c.layer_norm_eps;
     m->embeddings_norm_.module = m->AddModule(norm);
   }
   DS_ASSIGN_OR_RETURN(at::Tensor word, src.Get("embeddings.word_embeddings.weight", {c.vocab_size, E}));
@@ -473,10 +475,12 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
     };
     auto norm = [&](const std::string& name) {
       ModuleInfo info{p + name, ModuleKind::kLayerNorm, n, H, H, true};
+      info.eps = c.layer_norm_eps;
       return m->AddModule(info);
     };
-    auto block = [&](const std::string& name) {
+    auto block = [&](const std::string& name, const std::string& sublayer_input) {
       ModuleInfo info{p + name, ModuleKind::kBlockOutput, n, H, H};
+      info.sublayer_input = p + sublayer_input;
       return m->AddModule(info);
     };
     L.query = linear("attention.self.query", H, H);
@@ -489,11 +493,11 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
       L.attention = m->AddModule(info);
     }
     L.attention_output.module = linear("attention.output.dense", H, H);
-    L.attention_block = block("attention.output");
+    L.attention_block = block("attention.output", "attention.self.query");
     L.attention_norm.module = norm("attention.output.LayerNorm");
     L.intermediate.module = linear("intermediate.dense", H, I);
     L.output.module = linear("output.dense", I, H);
-    L.output_block = block("output");
+    L.output_block = block("output", "intermediate.dense");
     L.output_norm.module = norm("output.LayerNorm");
 
     std::vector<at::Tensor> qkv_w, qkv_b;
@@ -570,6 +574,7 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
   info.num_parameters = num_parameters;
   info.pooling = m->pooling_.Name();
   info.dtype = options.dtype;
+  DS_ASSIGN_OR_RETURN(info.fingerprint, FileSha256Digest(weights_path));
   info.device = m->device_.str();
   return std::unique_ptr<Model>(std::move(m));
 }
@@ -657,6 +662,7 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
   }
   if (has_projection_) {
     at::Tensor in = x;
+    if (hooks != nullptr) hooks->OnLinearInput(modules_[projection_.module], &in);
     x = at::linear(in, projection_.weight, projection_.bias);
     if (hooks != nullptr) hooks->OnLinear(modules_[projection_.module], in, &x);
   }
@@ -697,6 +703,7 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
     scores.add_(add_mask);
     at::Tensor probs = at::softmax(scores, -1);
     at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({B, T, H});
+    if (hooks != nullptr) hooks->OnLinearInput(modules_[L.attention_output.module], &context);
 
     at::Tensor attn = at::linear(context, L.attention_output.weight, L.attention_output.bias);
     if (hooks != nullptr) {
@@ -707,9 +714,12 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
     x = at::layer_norm(pre, {H}, L.attention_norm.weight, L.attention_norm.bias, c.layer_norm_eps);
     if (hooks != nullptr) hooks->OnLayerNorm(modules_[L.attention_norm.module], pre, &x);
 
-    at::Tensor inter = at::linear(x, L.intermediate.weight, L.intermediate.bias);
-    if (hooks != nullptr) hooks->OnLinear(modules_[L.intermediate.module], x, &inter);
+    at::Tensor ffn_in = x;
+    if (hooks != nullptr) hooks->OnLinearInput(modules_[L.intermediate.module], &ffn_in);
+    at::Tensor inter = at::linear(ffn_in, L.intermediate.weight, L.intermediate.bias);
+    if (hooks != nullptr) hooks->OnLinear(modules_[L.intermediate.module], ffn_in, &inter);
     inter = Activate(inter);
+    if (hooks != nullptr) hooks->OnLinearInput(modules_[L.output.module], &inter);
     at::Tensor ffn = at::linear(inter, L.output.weight, L.output.bias);
     if (hooks != nullptr) {
       hooks->OnLinear(modules_[L.output.module], inter, &ffn);

@@ -21,6 +21,7 @@
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 #include "server/common/file_util.h"
+#include "server/common/sha256.h"
 #include "server/common/logging.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
@@ -298,6 +299,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
     };
 
     L.ln1 = MakeModule(p + "attention.LayerNorm", ModuleKind::kLayerNorm, l, d, 0, true);
+    L.ln1.eps = model->layer_norm_eps_;
     DS_RETURN_IF_ERROR(norm(L.ln1.name, d, &L.ln1_w, &L.ln1_b));
     model->modules_.push_back(L.ln1);
     if (L.residual_projection) {
@@ -331,8 +333,10 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
     DS_RETURN_IF_ERROR(linear(L.out_dense.name, d, h, &L.out_w, &L.out_b));
     model->modules_.push_back(L.out_dense);
     L.attention_block = MakeModule(p + "attention.output", ModuleKind::kBlockOutput, l, h, 0, false);
+    L.attention_block.sublayer_input = L.query.name;
     model->modules_.push_back(L.attention_block);
     L.ln2 = MakeModule(p + "intermediate.LayerNorm", ModuleKind::kLayerNorm, l, h, 0, true);
+    L.ln2.eps = model->layer_norm_eps_;
     DS_RETURN_IF_ERROR(norm(L.ln2.name, h, &L.ln2_w, &L.ln2_b));
     model->modules_.push_back(L.ln2);
     L.ffn1 = MakeModule(p + "intermediate.dense", ModuleKind::kLinear, l, h, f, true);
@@ -342,6 +346,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
     DS_RETURN_IF_ERROR(linear(L.ffn2.name, f, h, &L.ffn2_w, &L.ffn2_b));
     model->modules_.push_back(L.ffn2);
     L.ffn_block = MakeModule(p + "output", ModuleKind::kBlockOutput, l, h, 0, false);
+    L.ffn_block.sublayer_input = L.ffn1.name;
     model->modules_.push_back(L.ffn_block);
   }
   model->pooler_module_ = MakeModule("pooler.dense", ModuleKind::kLinear, -1, hidden_size, embedding_dim, true);
@@ -376,6 +381,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
   info.pooling = config.String("pooling", "mean+tanh+l2");
   info.dtype = options.dtype;
   info.device = model->device_.str();
+  DS_ASSIGN_OR_RETURN(info.fingerprint, FileSha256Digest(weights_path));
   return std::unique_ptr<Model>(std::move(model));
 }
 
@@ -426,8 +432,10 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
 
     at::Tensor residual = x;
     if (L.residual_projection) {
-      residual = at::linear(x, L.res_w, L.res_b);
-      if (hooks != nullptr) hooks->OnLinear(L.res, x, &residual);
+      at::Tensor res_in = x;
+      if (hooks != nullptr) hooks->OnLinearInput(L.res, &res_in);
+      residual = at::linear(res_in, L.res_w, L.res_b);
+      if (hooks != nullptr) hooks->OnLinear(L.res, res_in, &residual);
       residual = residual.mul(mask3);
     }
 
@@ -461,7 +469,8 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
     scores = scores.add(bias);
     const at::Tensor probs = dtype_ == at::kFloat ? at::softmax(scores, -1)
                                                   : at::softmax(scores, -1, at::kFloat).to(dtype_);
-    const at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({batch, length, d});
+    at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({batch, length, d});
+    if (hooks != nullptr) hooks->OnLinearInput(L.out_dense, &context);
     at::Tensor attention = at::linear(context, L.out_w, L.out_b);
     if (hooks != nullptr) {
       hooks->OnLinear(L.out_dense, context, &attention);
@@ -471,9 +480,11 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
 
     at::Tensor h2 = at::layer_norm(x, {L.hidden_size}, L.ln2_w, L.ln2_b, layer_norm_eps_);
     if (hooks != nullptr) hooks->OnLayerNorm(L.ln2, x, &h2);
+    if (hooks != nullptr) hooks->OnLinearInput(L.ffn1, &h2);
     at::Tensor inner = at::linear(h2, L.ffn1_w, L.ffn1_b);
     if (hooks != nullptr) hooks->OnLinear(L.ffn1, h2, &inner);
     inner = inner.relu();
+    if (hooks != nullptr) hooks->OnLinearInput(L.ffn2, &inner);
     at::Tensor ffn = at::linear(inner, L.ffn2_w, L.ffn2_b);
     if (hooks != nullptr) hooks->OnLinear(L.ffn2, inner, &ffn);
     ffn = ffn.mul(mask3);  // the graph runs the FFN on real tokens only (GatherNd / ScatterNd)
@@ -484,7 +495,8 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
   ForwardOutput out;
   const at::Tensor states = x.mul(mask3).to(at::kFloat);  // [B,T,H], zero at padding
   const at::Tensor count = mask.sum(1, /*keepdim=*/true).clamp_min(1).to(at::kFloat);  // [B,1]
-  const at::Tensor mean = states.sum(1).div(count).to(dtype_);                        // [B,H]
+  at::Tensor mean = states.sum(1).div(count).to(dtype_);                              // [B,H]
+  if (hooks != nullptr) hooks->OnLinearInput(pooler_module_, &mean);
   at::Tensor pooled = at::linear(mean, pool_w_, pool_b_);
   if (hooks != nullptr) hooks->OnLinear(pooler_module_, mean, &pooled);
   pooled = pooled.to(at::kFloat).tanh();
