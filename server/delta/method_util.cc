@@ -1,0 +1,121 @@
+#include <ATen/ops/isfinite.h>
+
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/common/status_macros.h"
+#include "server/common/torch_status.h"
+#include "server/delta/methods_internal.h"
+
+namespace deltaserve {
+namespace delta {
+
+absl::StatusOr<at::Tensor> RequireTensor(const MethodSpec& spec, const std::string& name,
+                                         const std::vector<int64_t>& shape, std::set<std::string>* used) {
+  const char* kind = MethodKindName(spec.kind);
+  auto it = spec.tensors.find(name);
+  if (it == spec.tensors.end() || !it->second.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": tensor \"", name, "\" is missing"));
+  }
+  const at::Tensor& t = it->second;
+  if (t.scalar_type() != at::kFloat) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kind, ": tensor \"", name, "\" is ", c10::toString(t.scalar_type()), ", expected float32"));
+  }
+  if (t.sizes() != c10::IntArrayRef(shape)) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": tensor \"", name, "\" has shape ",
+                                                   ShapeString(t.sizes()), ", expected ", ShapeString(shape)));
+  }
+  DS_ASSIGN_OR_RETURN(bool finite, TorchCall([&] { return at::isfinite(t).all().item<bool>(); }, "finite check"));
+  if (!finite) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": tensor \"", name, "\" holds NaN or Inf values"));
+  }
+  if (used != nullptr) used->insert(name);
+  return t.contiguous();
+}
+
+absl::Status CheckNoUnexpectedTensors(const MethodSpec& spec, const std::set<std::string>& used) {
+  for (const auto& [name, t] : spec.tensors) {
+    if (!used.count(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(MethodKindName(spec.kind), ": unexpected tensor \"", name,
+                                                     "\" (not used by any target of this method)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> ToModelDevice(const at::Tensor& t, const model::Model& model) {
+  const model::ModelInfo& info = model.info();
+  const at::ScalarType dtype = info.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  return TorchCall([&] { return t.to(c10::Device(info.device), dtype).contiguous(); }, "placing a delta tensor");
+}
+
+absl::StatusOr<std::vector<std::string>> TargetPatterns(const MethodSpec& spec,
+                                                        const std::vector<std::string>& defaults) {
+  auto it = spec.config.find("targets");
+  if (it == spec.config.end() || it->is_null()) return defaults;
+  if (!it->is_array() || it->empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(MethodKindName(spec.kind), ": \"targets\" must be a non-empty list of module patterns"));
+  }
+  std::vector<std::string> out;
+  for (const auto& p : *it) {
+    if (!p.is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(MethodKindName(spec.kind), ": \"targets\" must hold strings, got ", p.dump()));
+    }
+    out.push_back(p.get<std::string>());
+  }
+  return out;
+}
+
+absl::StatusOr<int64_t> ConfigPositiveInt(const MethodSpec& spec, const char* key, int64_t max, int64_t fallback) {
+  auto it = spec.config.find(key);
+  if (it == spec.config.end() || it->is_null()) {
+    if (fallback < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(MethodKindName(spec.kind), ": \"", key, "\" is required"));
+    }
+    return fallback;
+  }
+  if (!it->is_number_integer() || it->get<int64_t>() < 1 || it->get<int64_t>() > max) {
+    return absl::InvalidArgumentError(absl::StrCat(MethodKindName(spec.kind), ": \"", key,
+                                                   "\" must be an integer in [1, ", max, "], got ", it->dump()));
+  }
+  return it->get<int64_t>();
+}
+
+absl::StatusOr<double> ConfigNumber(const MethodSpec& spec, const char* key, double fallback) {
+  auto it = spec.config.find(key);
+  if (it == spec.config.end() || it->is_null()) return fallback;
+  if (!it->is_number() || !std::isfinite(it->get<double>())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(MethodKindName(spec.kind), ": \"", key, "\" must be a finite number, got ", it->dump()));
+  }
+  return it->get<double>();
+}
+
+absl::StatusOr<std::string> ConfigString(const MethodSpec& spec, const char* key, const std::string& fallback) {
+  auto it = spec.config.find(key);
+  if (it == spec.config.end() || it->is_null()) return fallback;
+  if (!it->is_string()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(MethodKindName(spec.kind), ": \"", key, "\" must be a string, got ", it->dump()));
+  }
+  return it->get<std::string>();
+}
+
+std::vector<RowGroup> GroupRows(const std::vector<const Method*>& rows) {
+  std::vector<RowGroup> groups;
+  std::unordered_map<const Method*, size_t> index;
+  for (int64_t i = 0; i < static_cast<int64_t>(rows.size()); ++i) {
+    if (rows[i] == nullptr) continue;
+    auto [it, inserted] = index.emplace(rows[i], groups.size());
+    if (inserted) groups.push_back(RowGroup{rows[i], {}});
+    groups[it->second].rows.push_back(i);
+  }
+  return groups;
+}
+
+}  // namespace delta
+}  // namespace deltaserve

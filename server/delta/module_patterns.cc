@@ -1,0 +1,2 @@
+// Placeholder: being implemented.
+#include "server/delta/module_patterns.h"
