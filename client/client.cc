@@ -57,6 +57,16 @@ absl::StatusOr<deltaserve::v1::EmbedResponse> DeltaserveClient::Embed(const delt
   return response;
 }
 
+absl::StatusOr<deltaserve::v1::ClassifyResponse> DeltaserveClient::Classify(
+    const deltaserve::v1::ClassifyRequest& request) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.timeout);
+  deltaserve::v1::ClassifyResponse response;
+  grpc::Status status = inference_->Classify(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
 absl::StatusOr<std::vector<std::vector<float>>> DeltaserveClient::EmbedTexts(const std::vector<std::string>& texts) {
   deltaserve::v1::EmbedRequest request;
   for (const std::string& text : texts) request.add_texts(text);

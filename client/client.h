@@ -34,6 +34,7 @@ class DeltaserveClient {
   absl::StatusOr<std::string> Health(const std::string& service = "");
   absl::StatusOr<deltaserve::v1::GetModelInfoResponse> GetModelInfo();
   absl::StatusOr<deltaserve::v1::EmbedResponse> Embed(const deltaserve::v1::EmbedRequest& request);
+  absl::StatusOr<deltaserve::v1::ClassifyResponse> Classify(const deltaserve::v1::ClassifyRequest& request);
   // Sentence embeddings of `texts` on the base model.
   absl::StatusOr<std::vector<std::vector<float>>> EmbedTexts(const std::vector<std::string>& texts);
 

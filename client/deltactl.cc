@@ -2,7 +2,9 @@
 //
 //   deltactl [--server=HOST:PORT] health
 //   deltactl [--server=HOST:PORT] info
-//   deltactl [--server=HOST:PORT] embed [--tokens] [--ids] [--truncation=truncate|error] [TEXT ...]
+//   deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]
+//            [--truncation=truncate|error] [TEXT ...]
+//   deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]
 //       (no TEXT: one text per line from stdin)
 //
 // Output is JSON on stdout; errors go to stderr as "deltactl: CODE: message" with exit code 1 (2 for usage).
@@ -26,6 +28,9 @@ ABSL_FLAG(bool, tokens, false, "embed: also print per-token embeddings.");
 ABSL_FLAG(bool, ids, false, "embed: also print the token ids.");
 ABSL_FLAG(std::string, truncation, "", "embed: 'truncate' or 'error' for over-long inputs (default: server's).");
 ABSL_FLAG(bool, pretty, false, "Indent the JSON output.");
+ABSL_FLAG(std::string, task, "", "embed / classify: the task (delta pack) to run with; empty = the base model.");
+ABSL_FLAG(std::string, digest, "", "embed / classify: the delta pack by content digest (sha256:<hex>).");
+ABSL_FLAG(int, top_k, 0, "classify: labels per input, best first (0 = all).");
 
 namespace {
 
@@ -33,7 +38,9 @@ constexpr char kUsage[] =
     "the deltaserve command-line client.\n"
     "  deltactl [--server=HOST:PORT] health\n"
     "  deltactl [--server=HOST:PORT] info\n"
-    "  deltactl [--server=HOST:PORT] embed [--tokens] [--ids] [--truncation=truncate|error] [TEXT ...]\n"
+    "  deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]\n"
+    "           [--truncation=truncate|error] [TEXT ...]\n"
+    "  deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]\n"
     "      (without TEXT, reads one text per line from stdin)\n";
 
 int Fail(const absl::Status& status) {
@@ -62,7 +69,8 @@ int Info(deltaserve::client::DeltaserveClient& client) {
   return 0;
 }
 
-int Embed(deltaserve::client::DeltaserveClient& client, std::vector<std::string> texts) {
+// Texts from the arguments, or one per line from stdin.
+std::vector<std::string> ReadTexts(std::vector<std::string> texts) {
   if (texts.empty()) {
     std::string line;
     while (std::getline(std::cin, line)) {
@@ -70,12 +78,68 @@ int Embed(deltaserve::client::DeltaserveClient& client, std::vector<std::string>
       texts.push_back(line);
     }
   }
+  return texts;
+}
+
+// --task / --digest as a TaskRef; false when neither is set.
+bool TaskFromFlags(deltaserve::v1::TaskRef* task) {
+  const std::string name = absl::GetFlag(FLAGS_task);
+  const std::string digest = absl::GetFlag(FLAGS_digest);
+  if (name.empty() && digest.empty()) return false;
+  task->set_task(name);
+  if (!digest.empty()) task->set_digest(digest);
+  return true;
+}
+
+nlohmann::json DeltaJson(const deltaserve::v1::DeltaInfo& delta) {
+  return {{"digest", delta.digest()},
+          {"name", delta.name()},
+          {"methods", std::vector<std::string>(delta.methods().begin(), delta.methods().end())}};
+}
+
+int Classify(deltaserve::client::DeltaserveClient& client, std::vector<std::string> texts) {
+  texts = ReadTexts(std::move(texts));
+  if (texts.empty()) {
+    std::cerr << "deltactl: classify: no texts (give them as arguments or on stdin, one per line)\n";
+    return 2;
+  }
+  deltaserve::v1::ClassifyRequest request;
+  request.set_tenant(absl::GetFlag(FLAGS_tenant));
+  if (!TaskFromFlags(request.mutable_task())) {
+    std::cerr << "deltactl: classify needs --task (or --digest)\n";
+    return 2;
+  }
+  for (const std::string& text : texts) request.add_texts(text);
+  request.set_top_k(absl::GetFlag(FLAGS_top_k));
+  auto response = client.Classify(request);
+  if (!response.ok()) return Fail(response.status());
+  nlohmann::json out = {{"model", response->model()}, {"delta", DeltaJson(response->delta())},
+                        {"results", nlohmann::json::array()}};
+  for (int i = 0; i < response->results_size(); ++i) {
+    const auto& r = response->results(i);
+    nlohmann::json item = {{"text", texts[i]}, {"num_tokens", r.num_tokens()}, {"truncated", r.truncated()}};
+    if (r.labels_size() > 0) {
+      nlohmann::json labels = nlohmann::json::array();
+      for (const auto& l : r.labels()) labels.push_back({{"label", l.label()}, {"score", l.score()}});
+      item["labels"] = std::move(labels);
+    } else {
+      item["value"] = r.value();
+    }
+    out["results"].push_back(std::move(item));
+  }
+  Print(out);
+  return 0;
+}
+
+int Embed(deltaserve::client::DeltaserveClient& client, std::vector<std::string> texts) {
+  texts = ReadTexts(std::move(texts));
   if (texts.empty()) {
     std::cerr << "deltactl: embed: no texts (give them as arguments or on stdin, one per line)\n";
     return 2;
   }
   deltaserve::v1::EmbedRequest request;
   request.set_tenant(absl::GetFlag(FLAGS_tenant));
+  TaskFromFlags(request.mutable_task());
   for (const std::string& text : texts) request.add_texts(text);
   request.set_return_token_embeddings(absl::GetFlag(FLAGS_tokens));
   request.set_return_token_ids(absl::GetFlag(FLAGS_ids));
@@ -91,6 +155,7 @@ int Embed(deltaserve::client::DeltaserveClient& client, std::vector<std::string>
   auto response = client.Embed(request);
   if (!response.ok()) return Fail(response.status());
   nlohmann::json out = {{"model", response->model()}, {"results", nlohmann::json::array()}};
+  if (response->has_delta()) out["delta"] = DeltaJson(response->delta());
   for (int i = 0; i < response->results_size(); ++i) {
     const auto& r = response->results(i);
     nlohmann::json item = {{"text", texts[i]},
@@ -129,6 +194,7 @@ int main(int argc, char** argv) {
   if (command == "health") return Health(client);
   if (command == "info") return Info(client);
   if (command == "embed") return Embed(client, std::vector<std::string>(args.begin() + 2, args.end()));
+  if (command == "classify") return Classify(client, std::vector<std::string>(args.begin() + 2, args.end()));
   std::cerr << "deltactl: unknown command '" << command << "'\n" << kUsage;
   return 2;
 }

@@ -21,6 +21,8 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC listen address (host:por
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics HTTP address (host:port; empty disables it).");
 ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory (config.json, model.safetensors, vocab).");
+ABSL_FLAG(std::string, delta_dir, "",
+          "Directory of delta packs (<task>.dpack, or <tenant>/<task>.dpack) served by task name; empty = none.");
 ABSL_FLAG(std::string, device, "cpu", "Device for the model: cpu, cuda, cuda:N.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
@@ -66,6 +68,7 @@ int main(int argc, char** argv) {
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
+  options.delta_dir = absl::GetFlag(FLAGS_delta_dir);
   options.model.device = absl::GetFlag(FLAGS_device);
   options.model.dtype = absl::GetFlag(FLAGS_dtype);
   options.engine.max_inputs_per_request = absl::GetFlag(FLAGS_max_inputs_per_request);

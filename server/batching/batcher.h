@@ -27,18 +27,25 @@
 #include "absl/types/span.h"
 
 namespace deltaserve {
+namespace delta {
+class DeltaPack;
+}  // namespace delta
 namespace batching {
 
 // What a request asks of one row.
 struct RowInput {
   std::vector<int64_t> ids;        // the full model input; non-empty
   bool want_token_states = false;  // also return the per-token states
+  bool want_head = false;          // also run the pack's head on the sentence embedding
+  // The delta pack this row runs with (null: the base model). Holding it pins the pack until the row is done.
+  std::shared_ptr<const delta::DeltaPack> delta;
 };
 
 // What the runner produces for one row.
 struct RowResult {
   std::vector<float> embedding;     // the sentence embedding
   std::vector<float> token_states;  // ids.size() x hidden, row-major; empty unless asked for
+  std::vector<float> head_output;   // the head's logits (or value), when asked for
 };
 
 // One row of a batch as the runner sees it: the input and where its result goes.

@@ -1,21 +1,461 @@
-// Placeholder: being implemented.
+// Bottleneck adapters: the sequential adapter (Houlsby et al. 2019; Pfeiffer et al. 2020 placement) on a
+// sub-layer's output, h' = h + s * up(act(down(h))), and the parallel adapter (He et al. 2022), which reads the
+// sub-layer's input x instead: h' = h + s * up(act(down(x))).
+//
+// Batching. Per target block and per activation, the rows that carry an adapter there form a group:
+//   - one distinct adapter in the group: gather the rows (or take the whole batch), two linears;
+//   - several: per-row weights gathered from per-delta stacks zero-padded to the largest bottleneck, two
+//     baddbmm's (a zero bottleneck unit has act(0) = 0 and a zero up column, so padding contributes nothing).
+// The groups' rows are written back with one index_copy; rows without an adapter there are unchanged.
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/common/status_macros.h"
+#include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
+#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
+namespace {
 
-absl::StatusOr<std::unique_ptr<Method>> CreateAdapter(MethodSpec, const model::Model&, const MethodLimits&) {
-  return absl::UnimplementedError("adapter: not implemented yet");
+// INVALID_ARGUMENT when spec.config is not an object (null is an empty one) or holds a key not in `known`.
+absl::Status CheckConfigKeys(MethodSpec* spec, const std::vector<std::string>& known) {
+  const char* kind = MethodKindName(spec->kind);
+  if (spec->config.is_null()) spec->config = nlohmann::json::object();
+  if (!spec->config.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec->config.dump()));
+  }
+  for (const auto& item : spec->config.items()) {
+    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
+                                                     absl::StrJoin(known, ", "), ")"));
+    }
+  }
+  return absl::OkStatus();
 }
-absl::StatusOr<std::unique_ptr<MethodBatch>> MakeAdapterBatch(const std::vector<const Method*>&, const model::Model&) {
-  return absl::UnimplementedError("adapter: not implemented yet");
+
+enum class Activation { kRelu, kGelu, kTanh, kSwish };
+
+absl::StatusOr<Activation> ParseActivation(const std::string& name, MethodKind kind) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "swish") return Activation::kSwish;
+  return absl::InvalidArgumentError(absl::StrCat(MethodKindName(kind), ": \"activation\" \"", name,
+                                                 "\" is not supported (relu, gelu, tanh, swish)"));
 }
-absl::StatusOr<std::unique_ptr<Method>> CreateParallelAdapter(MethodSpec, const model::Model&, const MethodLimits&) {
-  return absl::UnimplementedError("parallel_adapter: not implemented yet");
+
+at::Tensor Activate(Activation act, const at::Tensor& x) {
+  switch (act) {
+    case Activation::kRelu: return at::relu(x);
+    case Activation::kGelu: return at::gelu(x);
+    case Activation::kTanh: return at::tanh(x);
+    case Activation::kSwish: return at::silu(x);
+  }
+  return x;
 }
-absl::StatusOr<std::unique_ptr<MethodBatch>> MakeParallelAdapterBatch(const std::vector<const Method*>&,
-                                                                      const model::Model&) {
-  return absl::UnimplementedError("parallel_adapter: not implemented yet");
+
+// One adapter on one target block, on the model's device in its compute dtype.
+struct AdapterModule {
+  int64_t in = 0;          // width of what down() reads: the block's (sequential) or its sub-layer input's
+  int64_t out = 0;         // the block's width
+  int64_t bottleneck = 0;
+  std::string input_module;  // parallel: the linear whose input is the sub-layer input
+  at::Tensor down_w;       // [b, in]
+  at::Tensor down_b;       // [b]
+  at::Tensor up_w;         // [out, b], times scaling
+  at::Tensor up_b;         // [out], times scaling
+};
+
+// The model a method was created for: same weights file, dtype and device.
+std::string ModelKey(const model::Model& model) {
+  const model::ModelInfo& info = model.info();
+  return absl::StrCat(info.fingerprint, "|", info.dtype, "|", info.device);
+}
+
+class AdapterMethod : public Method {
+ public:
+  MethodKind kind() const override { return spec_.kind; }
+  const MethodSpec& spec() const override { return spec_; }
+  int64_t bytes() const override { return bytes_; }
+
+  MethodSpec spec_;
+  int64_t bytes_ = 0;
+  Activation activation_ = Activation::kRelu;
+  std::string model_key_;
+  std::map<std::string, AdapterModule> modules_;  // by block name
+};
+
+const model::ModuleInfo* FindModule(const model::Model& model, const std::string& name) {
+  for (const model::ModuleInfo& m : model.modules()) {
+    if (m.name == name) return &m;
+  }
+  return nullptr;
+}
+
+std::vector<std::string> Names(const std::vector<const model::ModuleInfo*>& modules) {
+  std::vector<std::string> names;
+  for (const model::ModuleInfo* m : modules) names.push_back(m->name);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const model::Model& model,
+                                                          const MethodLimits& limits, bool parallel) {
+  const MethodKind kind = parallel ? MethodKind::kParallelAdapter : MethodKind::kAdapter;
+  spec.kind = kind;
+  const char* kname = MethodKindName(kind);
+  const std::vector<std::string> known =
+      parallel ? std::vector<std::string>{"bottleneck", "activation", "targets", "scaling"}
+               : std::vector<std::string>{"bottleneck", "activation", "placement", "targets", "scaling"};
+  DS_RETURN_IF_ERROR(CheckConfigKeys(&spec, known));
+  DS_ASSIGN_OR_RETURN(const int64_t bottleneck,
+                      ConfigPositiveInt(spec, "bottleneck", limits.max_bottleneck, /*fallback=*/-1));
+  DS_ASSIGN_OR_RETURN(const std::string activation_name, ConfigString(spec, "activation", "relu"));
+  DS_ASSIGN_OR_RETURN(const Activation activation, ParseActivation(activation_name, kind));
+  DS_ASSIGN_OR_RETURN(const double scaling, ConfigNumber(spec, "scaling", 1.0));
+
+  // Targets.
+  const std::vector<model::ModuleKind> block_kind = {model::ModuleKind::kBlockOutput};
+  std::vector<const model::ModuleInfo*> targets;
+  std::string placement;
+  const bool has_targets = spec.config.contains("targets") && !spec.config["targets"].is_null();
+  if (parallel) {
+    DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns,
+                        TargetPatterns(spec, {R"(re:encoder\.layer\.[0-9]+\.output)"}));
+    absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, block_kind);
+    if (!resolved.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(kname, ": ", resolved.status().message()));
+    }
+    targets = *std::move(resolved);
+  } else {
+    DS_ASSIGN_OR_RETURN(placement, ConfigString(spec, "placement", "houlsby"));
+    std::vector<const model::ModuleInfo*> placed;
+    if (placement == "houlsby" || placement == "pfeiffer") {
+      // Houlsby: both sub-layer outputs of every layer; Pfeiffer: the feed-forward one only. Exact names, so
+      // that "output" never also picks "attention.output".
+      for (const model::ModuleInfo& m : model.modules()) {
+        if (m.kind != model::ModuleKind::kBlockOutput) continue;
+        if (placement == "pfeiffer" && m.name != absl::StrCat("encoder.layer.", m.layer, ".output")) continue;
+        placed.push_back(&m);
+      }
+      if (placed.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(kname, ": placement \"", placement, "\" finds no block "
+                                                       "output module in model ", model.info().name));
+      }
+    } else if (placement != "custom") {
+      return absl::InvalidArgumentError(absl::StrCat(kname, ": \"placement\" \"", placement,
+                                                     "\" is not supported (houlsby, pfeiffer, custom)"));
+    }
+    if (placement == "custom" && !has_targets) {
+      return absl::InvalidArgumentError(absl::StrCat(kname, ": placement \"custom\" needs \"targets\""));
+    }
+    if (has_targets) {
+      DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns, TargetPatterns(spec, {}));
+      absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, block_kind);
+      if (!resolved.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(kname, ": ", resolved.status().message()));
+      }
+      targets = *std::move(resolved);
+      // A canonical spec carries both its placement and the resolved targets: they must agree.
+      if (placement != "custom" && Names(targets) != Names(placed)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kname, ": \"targets\" [", absl::StrJoin(Names(targets), ", "), "] differ from placement \"",
+                         placement, "\" (", absl::StrJoin(Names(placed), ", "),
+                         "); use placement \"custom\" for other targets"));
+      }
+    } else {
+      targets = placed;
+    }
+  }
+
+  auto method = std::make_unique<AdapterMethod>();
+  method->activation_ = activation;
+  method->model_key_ = ModelKey(model);
+  std::set<std::string> used;
+  std::map<std::string, at::Tensor> canonical;
+  for (const model::ModuleInfo* block : targets) {
+    AdapterModule m;
+    m.bottleneck = bottleneck;
+    m.out = block->in_features;
+    m.in = block->in_features;
+    if (parallel) {
+      const model::ModuleInfo* input =
+          block->sublayer_input.empty() ? nullptr : FindModule(model, block->sublayer_input);
+      if (input == nullptr || input->kind != model::ModuleKind::kLinear) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kname, ": block ", block->name, " has no sub-layer input to read"));
+      }
+      m.input_module = input->name;
+      m.in = input->in_features;
+    }
+    if (m.in <= 0 || m.out <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(kname, ": block ", block->name, " has no known width"));
+    }
+    const std::string p = block->name;
+    DS_ASSIGN_OR_RETURN(at::Tensor down_w, RequireTensor(spec, p + ".down.weight", {bottleneck, m.in}, &used));
+    DS_ASSIGN_OR_RETURN(at::Tensor down_b, RequireTensor(spec, p + ".down.bias", {bottleneck}, &used));
+    DS_ASSIGN_OR_RETURN(at::Tensor up_w, RequireTensor(spec, p + ".up.weight", {m.out, bottleneck}, &used));
+    DS_ASSIGN_OR_RETURN(at::Tensor up_b, RequireTensor(spec, p + ".up.bias", {m.out}, &used));
+    canonical[p + ".down.weight"] = down_w;
+    canonical[p + ".down.bias"] = down_b;
+    canonical[p + ".up.weight"] = up_w;
+    canonical[p + ".up.bias"] = up_b;
+    DS_ASSIGN_OR_RETURN(m.down_w, ToModelDevice(down_w, model));
+    DS_ASSIGN_OR_RETURN(m.down_b, ToModelDevice(down_b, model));
+    DS_ASSIGN_OR_RETURN(at::Tensor up_w_scaled, TorchCall([&] { return up_w * scaling; }, "scaling an adapter"));
+    DS_ASSIGN_OR_RETURN(at::Tensor up_b_scaled, TorchCall([&] { return up_b * scaling; }, "scaling an adapter"));
+    DS_ASSIGN_OR_RETURN(m.up_w, ToModelDevice(up_w_scaled, model));
+    DS_ASSIGN_OR_RETURN(m.up_b, ToModelDevice(up_b_scaled, model));
+    method->bytes_ += m.down_w.nbytes() + m.down_b.nbytes() + m.up_w.nbytes() + m.up_b.nbytes();
+    method->modules_[block->name] = std::move(m);
+  }
+  DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
+
+  nlohmann::json config = spec.config;
+  config["bottleneck"] = bottleneck;
+  config["activation"] = activation_name;
+  config["scaling"] = scaling;
+  config["targets"] = Names(targets);
+  if (!parallel) config["placement"] = placement;
+  spec.config = std::move(config);
+  spec.tensors = std::move(canonical);
+  method->spec_ = std::move(spec);
+  return std::unique_ptr<Method>(std::move(method));
+}
+
+// The rows of one block that use one activation.
+struct AdapterGroup {
+  Activation activation = Activation::kRelu;
+  at::Tensor rows;  // [R] int64 on the device
+  bool all_rows = false;  // rows == 0..B-1
+  // One distinct adapter among the rows:
+  const AdapterModule* single = nullptr;
+  // Several: per-delta stacks zero-padded to the largest bottleneck, and each row's index into them.
+  at::Tensor delta_of_row;  // [R] int64
+  at::Tensor down_t;        // [D, in, bmax]
+  at::Tensor down_b;        // [D, 1, bmax]
+  at::Tensor up_t;          // [D, bmax, out]
+  at::Tensor up_b;          // [D, 1, out]
+};
+
+struct BlockPlan {
+  std::vector<AdapterGroup> groups;
+  int64_t in = 0;
+};
+
+at::Tensor GroupDelta(const AdapterGroup& g, const at::Tensor& x) {
+  if (g.single != nullptr) {
+    const AdapterModule& m = *g.single;
+    return at::linear(Activate(g.activation, at::linear(x, m.down_w, m.down_b)), m.up_w, m.up_b);
+  }
+  const at::Tensor down_t = g.down_t.index_select(0, g.delta_of_row);  // [R, in, bmax]
+  const at::Tensor down_b = g.down_b.index_select(0, g.delta_of_row);  // [R, 1, bmax]
+  const at::Tensor up_t = g.up_t.index_select(0, g.delta_of_row);      // [R, bmax, out]
+  const at::Tensor up_b = g.up_b.index_select(0, g.delta_of_row);      // [R, 1, out]
+  const at::Tensor z = Activate(g.activation, at::baddbmm(down_b, x, down_t));
+  return at::baddbmm(up_b, z, up_t);
+}
+
+// hidden + each carrying row's adapter applied to `input` (the same rows).
+at::Tensor ApplyPlan(const BlockPlan& plan, const at::Tensor& input, const at::Tensor& hidden) {
+  if (plan.groups.size() == 1 && plan.groups[0].all_rows) {
+    return hidden + GroupDelta(plan.groups[0], input);
+  }
+  std::vector<at::Tensor> rows, values;
+  for (const AdapterGroup& g : plan.groups) {
+    const at::Tensor x = input.index_select(0, g.rows);
+    values.push_back(hidden.index_select(0, g.rows) + GroupDelta(g, x));
+    rows.push_back(g.rows);
+  }
+  if (rows.size() == 1) return hidden.index_copy(0, rows[0], values[0]);
+  return hidden.index_copy(0, at::cat(rows, 0), at::cat(values, 0));
+}
+
+at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t.to(device);
+}
+
+// Plans every block that some row targets.
+absl::StatusOr<std::unordered_map<std::string, BlockPlan>> PlanBlocks(const std::vector<const Method*>& rows,
+                                                                      const model::Model& model, MethodKind kind) {
+  const std::string key = ModelKey(model);
+  std::vector<const AdapterMethod*> methods(rows.size(), nullptr);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] == nullptr) continue;
+    const auto* m = dynamic_cast<const AdapterMethod*>(rows[i]);
+    if (m == nullptr || m->kind() != kind) {
+      return absl::InvalidArgumentError(absl::StrCat("row ", i, " does not carry a ", MethodKindName(kind)));
+    }
+    if (m->model_key_ != key) {
+      return absl::InvalidArgumentError(absl::StrCat("row ", i, "'s ", MethodKindName(kind),
+                                                     " was created for another model, dtype or device"));
+    }
+    methods[i] = m;
+  }
+  const int64_t batch = static_cast<int64_t>(rows.size());
+  std::unordered_map<std::string, BlockPlan> plans;
+  absl::Status status = TorchCallVoid(
+      [&] {
+        const c10::Device device(model.info().device);
+        // Block name -> activation -> rows, in row order.
+        std::map<std::string, std::map<int, std::vector<int64_t>>> by_block;
+        for (int64_t i = 0; i < batch; ++i) {
+          if (methods[i] == nullptr) continue;
+          for (const auto& [name, m] : methods[i]->modules_) {
+            by_block[name][static_cast<int>(methods[i]->activation_)].push_back(i);
+          }
+        }
+        for (const auto& [name, by_act] : by_block) {
+          BlockPlan& plan = plans[name];
+          for (const auto& [act, row_list] : by_act) {
+            AdapterGroup g;
+            g.activation = static_cast<Activation>(act);
+            g.rows = IndexTensor(row_list, device);
+            g.all_rows = static_cast<int64_t>(row_list.size()) == batch;
+            std::vector<const AdapterModule*> distinct;
+            std::vector<int64_t> delta_of_row;
+            for (int64_t r : row_list) {
+              const AdapterModule* m = &methods[r]->modules_.at(name);
+              auto it = std::find(distinct.begin(), distinct.end(), m);
+              delta_of_row.push_back(it - distinct.begin());
+              if (it == distinct.end()) distinct.push_back(m);
+            }
+            plan.in = distinct[0]->in;
+            if (distinct.size() == 1) {
+              g.single = distinct[0];
+            } else {
+              int64_t bmax = 0;
+              for (const AdapterModule* m : distinct) bmax = std::max(bmax, m->bottleneck);
+              std::vector<at::Tensor> down_t, down_b, up_t, up_b;
+              for (const AdapterModule* m : distinct) {
+                const int64_t pad = bmax - m->bottleneck;
+                const auto opts = m->down_w.options();
+                at::Tensor dt = m->down_w.t();  // [in, b]
+                at::Tensor db = m->down_b;      // [b]
+                at::Tensor ut = m->up_w.t();    // [b, out]
+                if (pad > 0) {
+                  dt = at::cat({dt, at::zeros({m->in, pad}, opts)}, 1);
+                  db = at::cat({db, at::zeros({pad}, opts)}, 0);
+                  ut = at::cat({ut, at::zeros({pad, m->out}, opts)}, 0);
+                }
+                down_t.push_back(dt);
+                down_b.push_back(db.unsqueeze(0));
+                up_t.push_back(ut);
+                up_b.push_back(m->up_b.unsqueeze(0));
+              }
+              g.down_t = at::stack(down_t, 0).contiguous();
+              g.down_b = at::stack(down_b, 0).contiguous();
+              g.up_t = at::stack(up_t, 0).contiguous();
+              g.up_b = at::stack(up_b, 0).contiguous();
+              g.delta_of_row = IndexTensor(delta_of_row, device);
+            }
+            plan.groups.push_back(std::move(g));
+          }
+        }
+      },
+      absl::StrCat("planning a ", MethodKindName(kind), " batch"));
+  DS_RETURN_IF_ERROR(status);
+  return plans;
+}
+
+class AdapterBatch : public MethodBatch {
+ public:
+  explicit AdapterBatch(std::unordered_map<std::string, BlockPlan> plans) : plans_(std::move(plans)) {}
+
+  void OnBlockOutput(const model::ModuleInfo& block, at::Tensor* hidden) override {
+    auto it = plans_.find(block.name);
+    if (it == plans_.end()) return;
+    *hidden = ApplyPlan(it->second, *hidden, *hidden);
+  }
+
+ private:
+  std::unordered_map<std::string, BlockPlan> plans_;
+};
+
+class ParallelAdapterBatch : public MethodBatch {
+ public:
+  ParallelAdapterBatch(std::unordered_map<std::string, BlockPlan> plans,
+                       std::unordered_map<std::string, std::vector<std::string>> blocks_reading)
+      : plans_(std::move(plans)), blocks_reading_(std::move(blocks_reading)) {}
+
+  void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    auto it = blocks_reading_.find(module.name);
+    if (it == blocks_reading_.end()) return;
+    for (const std::string& block : it->second) captured_[block] = input;
+  }
+
+  void OnBlockOutput(const model::ModuleInfo& block, at::Tensor* hidden) override {
+    auto it = plans_.find(block.name);
+    if (it == plans_.end()) return;
+    auto cap = captured_.find(block.name);
+    if (cap == captured_.end()) return;  // the model did not show this sub-layer's input (never on valid models)
+    const at::Tensor input = std::move(cap->second);
+    captured_.erase(cap);
+    if (input.dim() != hidden->dim() || input.size(0) != hidden->size(0) || input.size(-1) != it->second.in) return;
+    *hidden = ApplyPlan(it->second, input, *hidden);
+  }
+
+ private:
+  std::unordered_map<std::string, BlockPlan> plans_;
+  std::unordered_map<std::string, std::vector<std::string>> blocks_reading_;  // linear name -> blocks
+  std::unordered_map<std::string, at::Tensor> captured_;                      // block name -> sub-layer input
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Method>> CreateAdapter(MethodSpec spec, const model::Model& model,
+                                                      const MethodLimits& limits) {
+  return CreateAdapterImpl(std::move(spec), model, limits, /*parallel=*/false);
+}
+
+absl::StatusOr<std::unique_ptr<MethodBatch>> MakeAdapterBatch(const std::vector<const Method*>& rows,
+                                                              const model::Model& model) {
+  DS_ASSIGN_OR_RETURN(auto plans, PlanBlocks(rows, model, MethodKind::kAdapter));
+  return std::unique_ptr<MethodBatch>(new AdapterBatch(std::move(plans)));
+}
+
+absl::StatusOr<std::unique_ptr<Method>> CreateParallelAdapter(MethodSpec spec, const model::Model& model,
+                                                              const MethodLimits& limits) {
+  return CreateAdapterImpl(std::move(spec), model, limits, /*parallel=*/true);
+}
+
+absl::StatusOr<std::unique_ptr<MethodBatch>> MakeParallelAdapterBatch(const std::vector<const Method*>& rows,
+                                                                      const model::Model& model) {
+  DS_ASSIGN_OR_RETURN(auto plans, PlanBlocks(rows, model, MethodKind::kParallelAdapter));
+  std::unordered_map<std::string, std::vector<std::string>> blocks_reading;
+  for (const auto& [block, plan] : plans) {
+    const model::ModuleInfo* info = FindModule(model, block);
+    if (info == nullptr || info->sublayer_input.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("parallel_adapter: block ", block, " has no sub-layer input"));
+    }
+    blocks_reading[info->sublayer_input].push_back(block);
+  }
+  return std::unique_ptr<MethodBatch>(new ParallelAdapterBatch(std::move(plans), std::move(blocks_reading)));
 }
 
 }  // namespace delta

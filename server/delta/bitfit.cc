@@ -1,14 +1,174 @@
-// Placeholder: being implemented.
+// BitFit: a bias delta added to the output of each targeted linear or layer-norm module, a different one on every
+// row. MakeBitFitBatch gathers, per module, every row's bias (zeros for rows without) into one [B, out] tensor, so
+// the hook is a single broadcast add.
+#include <ATen/ATen.h>
+
+#include <map>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/common/status_macros.h"
+#include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
+#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
 
-absl::StatusOr<std::unique_ptr<Method>> CreateBitFit(MethodSpec, const model::Model&, const MethodLimits&) {
-  return absl::UnimplementedError("bitfit: not implemented yet");
+namespace method_helpers {  // defined in lora.cc
+absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known);
+absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
+    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
+    const std::vector<model::ModuleKind>& kinds, const char* what);
+std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules);
+void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
+bool Exclusive(const at::Tensor& t);
+at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
+}  // namespace method_helpers
+
+namespace {
+
+using method_helpers::BroadcastRows;
+using method_helpers::CheckConfigKeys;
+using method_helpers::CheckRows;
+using method_helpers::Exclusive;
+using method_helpers::ResolveMethodTargets;
+using method_helpers::SortedNames;
+
+// Every linear and layer-norm module (BitFit tunes all biases).
+const std::vector<std::string> kDefaultTargets = {"re:.*"};
+
+// The width of the bias of module `m`.
+int64_t BiasWidth(const model::ModuleInfo& m) {
+  return m.kind == model::ModuleKind::kLinear ? m.out_features : m.in_features;
 }
-absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<const Method*>&, const model::Model&) {
-  return absl::UnimplementedError("bitfit: not implemented yet");
+
+class BitFitMethod : public Method {
+ public:
+  BitFitMethod(MethodSpec spec, const model::Model* model, std::map<std::string, at::Tensor> biases)
+      : spec_(std::move(spec)), model_(model), biases_(std::move(biases)) {
+    for (const auto& [name, b] : biases_) bytes_ += b.nbytes();
+  }
+
+  MethodKind kind() const override { return MethodKind::kBitFit; }
+  const MethodSpec& spec() const override { return spec_; }
+  int64_t bytes() const override { return bytes_; }
+
+  const model::Model* model() const { return model_; }
+  // Module name -> bias delta [out] on the model's device and dtype.
+  const std::map<std::string, at::Tensor>& biases() const { return biases_; }
+
+ private:
+  MethodSpec spec_;
+  const model::Model* model_;
+  std::map<std::string, at::Tensor> biases_;
+  int64_t bytes_ = 0;
+};
+
+class BitFitBatch : public MethodBatch {
+ public:
+  explicit BitFitBatch(int64_t num_rows) : num_rows_(num_rows) {}
+
+  void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    Add(module, output);
+  }
+  void OnLayerNorm(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    Add(module, output);
+  }
+
+  // Module name -> [B, out]: row i's bias delta, zeros for rows without.
+  std::unordered_map<std::string, at::Tensor> biases_;
+
+ private:
+  void Add(const model::ModuleInfo& module, at::Tensor* output) {
+    auto it = biases_.find(module.name);
+    if (it == biases_.end()) return;
+    CheckRows(*output, num_rows_, module, "bitfit");
+    const at::Tensor bias = BroadcastRows(it->second, *output);
+    if (Exclusive(*output)) {
+      output->add_(bias);
+    } else {
+      *output = output->add(bias);
+    }
+  }
+
+  const int64_t num_rows_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Method>> CreateBitFit(MethodSpec spec, const model::Model& model,
+                                                     const MethodLimits& limits) {
+  spec.kind = MethodKind::kBitFit;
+  DS_RETURN_IF_ERROR(CheckConfigKeys(spec, {"targets"}));
+  DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns, TargetPatterns(spec, kDefaultTargets));
+  DS_ASSIGN_OR_RETURN(std::vector<const model::ModuleInfo*> modules,
+                      ResolveMethodTargets(spec, patterns, model,
+                                           {model::ModuleKind::kLinear, model::ModuleKind::kLayerNorm},
+                                           "linear and layer-norm modules"));
+  MethodSpec canonical;
+  canonical.kind = MethodKind::kBitFit;
+  std::map<std::string, at::Tensor> biases;
+  std::set<std::string> used;
+  for (const model::ModuleInfo* m : modules) {
+    if (biases.count(m->name)) continue;
+    const std::string name = m->name + ".bias";
+    DS_ASSIGN_OR_RETURN(at::Tensor bias, RequireTensor(spec, name, {BiasWidth(*m)}, &used));
+    DS_ASSIGN_OR_RETURN(biases[m->name], ToModelDevice(bias, model));
+    canonical.tensors[name] = std::move(bias);
+  }
+  DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
+  canonical.config = {{"targets", SortedNames(modules)}};
+  return std::unique_ptr<Method>(new BitFitMethod(std::move(canonical), &model, std::move(biases)));
+}
+
+absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<const Method*>& rows,
+                                                             const model::Model& model) {
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  std::vector<const BitFitMethod*> methods(rows.size(), nullptr);
+  // Module -> its width, for every module some row targets.
+  std::map<std::string, int64_t> widths;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] == nullptr) continue;
+    if (rows[i]->kind() != MethodKind::kBitFit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bitfit batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
+    }
+    methods[i] = static_cast<const BitFitMethod*>(rows[i]);
+    if (methods[i]->model() != &model) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bitfit batch: row ", i, "'s method was created for another model"));
+    }
+    for (const auto& [name, b] : methods[i]->biases()) widths[name] = b.size(0);
+  }
+  auto batch = std::make_unique<BitFitBatch>(num_rows);
+  DS_RETURN_IF_ERROR(TorchCallVoid(
+      [&] {
+        std::map<int64_t, at::Tensor> zeros;  // width -> zeros of that width, shared by every module
+        for (const auto& [name, width] : widths) {
+          std::vector<at::Tensor> per_row(rows.size());
+          at::Tensor like;
+          for (size_t i = 0; i < methods.size(); ++i) {
+            if (methods[i] == nullptr) continue;
+            auto it = methods[i]->biases().find(name);
+            if (it == methods[i]->biases().end()) continue;
+            per_row[i] = it->second;
+            like = it->second;
+          }
+          at::Tensor& zero = zeros[width];
+          if (!zero.defined()) zero = at::zeros({width}, like.options());
+          for (at::Tensor& t : per_row) {
+            if (!t.defined()) t = zero;
+          }
+          batch->biases_.emplace(name, at::stack(per_row));
+        }
+      },
+      "bitfit: preparing the batch"));
+  return std::unique_ptr<MethodBatch>(std::move(batch));
 }
 
 }  // namespace delta

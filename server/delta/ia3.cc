@@ -1,14 +1,224 @@
-// Placeholder: being implemented.
+// (IA)^3: learned per-feature scales, a different set on every row: the outputs of the targeted linears (keys and
+// values by default) and, for the "feedforward" targets, their inputs (the FFN down-projection's input, i.e. the
+// activated intermediate: l_ff). MakeIa3Batch gathers, per module, every row's scale (ones for rows without) into
+// one [B, n] tensor, so the hook is a single broadcast multiply.
+#include <ATen/ATen.h>
+
+#include <map>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/common/status_macros.h"
+#include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
+#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
 
-absl::StatusOr<std::unique_ptr<Method>> CreateIa3(MethodSpec, const model::Model&, const MethodLimits&) {
-  return absl::UnimplementedError("ia3: not implemented yet");
+namespace method_helpers {  // defined in lora.cc
+absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known);
+absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
+    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
+    const std::vector<model::ModuleKind>& kinds, const char* what);
+std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules);
+void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
+bool Exclusive(const at::Tensor& t);
+at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
+}  // namespace method_helpers
+
+namespace {
+
+using method_helpers::BroadcastRows;
+using method_helpers::CheckConfigKeys;
+using method_helpers::CheckRows;
+using method_helpers::Exclusive;
+using method_helpers::ResolveMethodTargets;
+using method_helpers::SortedNames;
+
+// PEFT's BERT defaults: keys, values and the FFN down-projection (encoder.layer.N.output.dense, not
+// encoder.layer.N.attention.output.dense, which the dotted suffix "output.dense" would also match).
+const char kFeedForwardPattern[] = "re:.*\\.layer\\.[0-9]+\\.output\\.dense";
+const std::vector<std::string> kDefaultTargets = {"key", "value", kFeedForwardPattern};
+const std::vector<std::string> kDefaultFeedForward = {kFeedForwardPattern};
+
+// config["feedforward"] as a list of valid patterns (may be empty), or the defaults when absent.
+absl::StatusOr<std::vector<std::string>> FeedForwardPatterns(const MethodSpec& spec, bool* explicit_list) {
+  *explicit_list = false;
+  auto it = spec.config.find("feedforward");
+  if (it == spec.config.end() || it->is_null()) return kDefaultFeedForward;
+  *explicit_list = true;
+  if (!it->is_array()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ia3: \"feedforward\" must be a list of module patterns, got ", it->dump()));
+  }
+  std::vector<std::string> out;
+  for (const auto& p : *it) {
+    if (!p.is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat("ia3: \"feedforward\" must hold strings, got ", p.dump()));
+    }
+    absl::Status valid = ValidatePattern(p.get<std::string>());
+    if (!valid.ok()) return absl::InvalidArgumentError(absl::StrCat("ia3: \"feedforward\": ", valid.message()));
+    out.push_back(p.get<std::string>());
+  }
+  return out;
 }
-absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<const Method*>&, const model::Model&) {
-  return absl::UnimplementedError("ia3: not implemented yet");
+
+class Ia3Method : public Method {
+ public:
+  struct Target {
+    bool feedforward = false;  // scales the input (else the output)
+    at::Tensor scale;          // [in] or [out] on the model's device and dtype
+  };
+
+  Ia3Method(MethodSpec spec, const model::Model* model, std::map<std::string, Target> targets)
+      : spec_(std::move(spec)), model_(model), targets_(std::move(targets)) {
+    for (const auto& [name, t] : targets_) bytes_ += t.scale.nbytes();
+  }
+
+  MethodKind kind() const override { return MethodKind::kIa3; }
+  const MethodSpec& spec() const override { return spec_; }
+  int64_t bytes() const override { return bytes_; }
+
+  const model::Model* model() const { return model_; }
+  const std::map<std::string, Target>& targets() const { return targets_; }
+
+ private:
+  MethodSpec spec_;
+  const model::Model* model_;
+  std::map<std::string, Target> targets_;
+  int64_t bytes_ = 0;
+};
+
+class Ia3Batch : public MethodBatch {
+ public:
+  explicit Ia3Batch(int64_t num_rows) : num_rows_(num_rows) {}
+
+  void OnLinearInput(const model::ModuleInfo& module, at::Tensor* input) override {
+    Scale(input_scales_, module, input);
+  }
+  void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    Scale(output_scales_, module, output);
+  }
+
+  // Module name -> [B, n]: row i's scale, ones for rows without.
+  std::unordered_map<std::string, at::Tensor> input_scales_, output_scales_;
+
+ private:
+  void Scale(const std::unordered_map<std::string, at::Tensor>& scales, const model::ModuleInfo& module,
+             at::Tensor* t) {
+    auto it = scales.find(module.name);
+    if (it == scales.end()) return;
+    CheckRows(*t, num_rows_, module, "ia3");
+    const at::Tensor scale = BroadcastRows(it->second, *t);
+    if (Exclusive(*t)) {
+      t->mul_(scale);
+    } else {
+      *t = t->mul(scale);
+    }
+  }
+
+  const int64_t num_rows_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Method>> CreateIa3(MethodSpec spec, const model::Model& model,
+                                                  const MethodLimits& limits) {
+  spec.kind = MethodKind::kIa3;
+  DS_RETURN_IF_ERROR(CheckConfigKeys(spec, {"targets", "feedforward"}));
+  DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns, TargetPatterns(spec, kDefaultTargets));
+  bool explicit_feedforward = false;
+  DS_ASSIGN_OR_RETURN(std::vector<std::string> ff_patterns, FeedForwardPatterns(spec, &explicit_feedforward));
+  DS_ASSIGN_OR_RETURN(std::vector<const model::ModuleInfo*> modules,
+                      ResolveMethodTargets(spec, patterns, model, {model::ModuleKind::kLinear}, "linear modules"));
+  // Feed-forward modules: the targets that also match a feed-forward pattern.
+  auto is_feedforward = [&](const std::string& name) {
+    for (const std::string& p : ff_patterns) {
+      if (PatternMatches(p, name)) return true;
+    }
+    return false;
+  };
+  if (explicit_feedforward) {
+    for (const std::string& p : ff_patterns) {
+      bool any = false;
+      for (const model::ModuleInfo* m : modules) any = any || PatternMatches(p, m->name);
+      if (!any) {
+        return absl::InvalidArgumentError(absl::StrCat("ia3: feedforward pattern \"", p,
+                                                       "\" matches none of the targets (feed-forward modules must "
+                                                       "also be targets)"));
+      }
+    }
+  }
+  MethodSpec canonical;
+  canonical.kind = MethodKind::kIa3;
+  std::map<std::string, Ia3Method::Target> targets;
+  std::vector<const model::ModuleInfo*> feedforward;
+  std::set<std::string> used;
+  for (const model::ModuleInfo* m : modules) {
+    if (targets.count(m->name)) continue;
+    Ia3Method::Target& target = targets[m->name];
+    target.feedforward = is_feedforward(m->name);
+    if (target.feedforward) feedforward.push_back(m);
+    const std::string name = m->name + ".ia3_l";
+    DS_ASSIGN_OR_RETURN(at::Tensor l,
+                        RequireTensor(spec, name, {target.feedforward ? m->in_features : m->out_features}, &used));
+    DS_ASSIGN_OR_RETURN(target.scale, ToModelDevice(l, model));
+    canonical.tensors[name] = std::move(l);
+  }
+  DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
+  canonical.config = {{"targets", SortedNames(modules)},
+                      {"feedforward", nlohmann::json(SortedNames(feedforward))}};
+  return std::unique_ptr<Method>(new Ia3Method(std::move(canonical), &model, std::move(targets)));
+}
+
+absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<const Method*>& rows,
+                                                          const model::Model& model) {
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  std::vector<const Ia3Method*> methods(rows.size(), nullptr);
+  // (module, feed-forward) -> width, for every module some row targets.
+  std::map<std::pair<std::string, bool>, int64_t> widths;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] == nullptr) continue;
+    if (rows[i]->kind() != MethodKind::kIa3) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ia3 batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
+    }
+    methods[i] = static_cast<const Ia3Method*>(rows[i]);
+    if (methods[i]->model() != &model) {
+      return absl::InvalidArgumentError(absl::StrCat("ia3 batch: row ", i, "'s method was created for another model"));
+    }
+    for (const auto& [name, t] : methods[i]->targets()) widths[{name, t.feedforward}] = t.scale.size(0);
+  }
+  auto batch = std::make_unique<Ia3Batch>(num_rows);
+  DS_RETURN_IF_ERROR(TorchCallVoid(
+      [&] {
+        std::map<int64_t, at::Tensor> ones;  // width -> ones of that width
+        for (const auto& [key, width] : widths) {
+          const auto& [name, feedforward] = key;
+          std::vector<at::Tensor> per_row(rows.size());
+          at::Tensor like;
+          for (size_t i = 0; i < methods.size(); ++i) {
+            if (methods[i] == nullptr) continue;
+            auto it = methods[i]->targets().find(name);
+            if (it == methods[i]->targets().end() || it->second.feedforward != feedforward) continue;
+            per_row[i] = it->second.scale;
+            like = it->second.scale;
+          }
+          at::Tensor& one = ones[width];
+          if (!one.defined()) one = at::ones({width}, like.options());
+          for (at::Tensor& t : per_row) {
+            if (!t.defined()) t = one;
+          }
+          (feedforward ? batch->input_scales_ : batch->output_scales_).emplace(name, at::stack(per_row));
+        }
+      },
+      "ia3: preparing the batch"));
+  return std::unique_ptr<MethodBatch>(std::move(batch));
 }
 
 }  // namespace delta

@@ -2,24 +2,29 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
+#include "server/delta/delta_batch.h"
 
 namespace deltaserve {
 namespace inference {
 
 InferenceEngine::InferenceEngine(std::shared_ptr<const model::Model> model, const Options& options,
-                                 batching::BatcherObserver* observer)
+                                 batching::BatcherObserver* observer, const DeltaResolver* resolver)
     : model_(std::move(model)),
       options_(options),
+      resolver_(resolver),
       max_sequence_length_(options.max_sequence_length > 0
                                ? std::min(options.max_sequence_length, model_->info().max_sequence_length)
                                : model_->info().max_sequence_length) {
@@ -30,7 +35,8 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::Model> model, cons
 InferenceEngine::~InferenceEngine() { Stop(); }
 
 absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
-    std::shared_ptr<const model::Model> model, const Options& options, batching::BatcherObserver* observer) {
+    std::shared_ptr<const model::Model> model, const Options& options, batching::BatcherObserver* observer,
+    const DeltaResolver* resolver) {
   if (model == nullptr) return absl::InvalidArgumentError("no model");
   if (options.max_inputs_per_request < 1) {
     return absl::InvalidArgumentError("max_inputs_per_request must be at least 1");
@@ -43,41 +49,51 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("max_sequence_length must exceed the model's ", specials, " special tokens"));
   }
-  return std::unique_ptr<InferenceEngine>(new InferenceEngine(std::move(model), options, observer));
+  return std::unique_ptr<InferenceEngine>(new InferenceEngine(std::move(model), options, observer, resolver));
 }
 
 void InferenceEngine::Stop() {
   if (batcher_) batcher_->Stop();
 }
 
-absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request, const CallContext& call) {
-  if (!request.task.empty()) {
+absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> InferenceEngine::ResolveTask(
+    const std::string& tenant, const TaskSelector& task) const {
+  if (task.empty()) return std::shared_ptr<const delta::DeltaPack>();
+  if (resolver_ == nullptr) {
     return absl::FailedPreconditionError(
-        "this server has no delta store yet: leave `task` unset to use the base model");
+        "this server serves no deltas (start it with --delta_dir): leave `task` unset to use the base model");
   }
-  const bool has_texts = !request.texts.empty();
-  const bool has_ids = !request.token_ids.empty();
+  return resolver_->Resolve(tenant, task);
+}
+
+absl::StatusOr<InferenceEngine::PreparedRows> InferenceEngine::PrepareRows(
+    const std::vector<std::string>& texts, const std::vector<std::vector<int64_t>>& token_ids,
+    Truncation truncation) const {
+  const bool has_texts = !texts.empty();
+  const bool has_ids = !token_ids.empty();
   if (has_texts && has_ids) {
     return absl::InvalidArgumentError("set either `texts` or `token_ids`, not both");
   }
-  const size_t n = has_texts ? request.texts.size() : request.token_ids.size();
+  const size_t n = has_texts ? texts.size() : token_ids.size();
   if (n == 0) return absl::InvalidArgumentError("no inputs: set `texts` or `token_ids`");
   if (n > static_cast<size_t>(options_.max_inputs_per_request)) {
     return absl::InvalidArgumentError(absl::StrCat("too many inputs: ", n, " (at most ",
                                                    options_.max_inputs_per_request,
                                                    " per request; split the request)"));
   }
-  const bool truncate = request.truncation == Truncation::kTruncate ||
-                        (request.truncation == Truncation::kDefault && options_.truncate_by_default);
+  const bool truncate = truncation == Truncation::kTruncate ||
+                        (truncation == Truncation::kDefault && options_.truncate_by_default);
   const model::Tokenizer& tokenizer = model_->tokenizer();
-  const int64_t vocab = tokenizer.vocab_size();
+  const int64_t vocab = model_->info().vocab_size;
 
-  std::vector<batching::RowInput> rows(n);
-  std::vector<bool> truncated(n, false);
+  PreparedRows prepared;
+  prepared.rows.resize(n);
+  prepared.truncated.assign(n, false);
+  prepared.lengths.resize(n);
   for (size_t i = 0; i < n; ++i) {
     std::vector<int64_t> ids;
     if (has_texts) {
-      const std::string& text = request.texts[i];
+      const std::string& text = texts[i];
       if (static_cast<int64_t>(text.size()) > options_.max_text_bytes) {
         return absl::InvalidArgumentError(absl::StrCat("texts[", i, "] is ", text.size(), " bytes; at most ",
                                                        options_.max_text_bytes, " are accepted"));
@@ -92,7 +108,7 @@ absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request
             absl::StrCat("texts[", i, "] has no tokens (empty or only whitespace / control characters)"));
       }
     } else {
-      ids = request.token_ids[i];
+      ids = token_ids[i];
       if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] is empty"));
       for (size_t j = 0; j < ids.size(); ++j) {
         if (ids[j] < 0 || ids[j] >= vocab) {
@@ -109,23 +125,41 @@ absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request
       }
       ids = has_texts ? tokenizer.Truncate(ids, max_sequence_length_)
                       : std::vector<int64_t>(ids.begin(), ids.begin() + max_sequence_length_);
-      truncated[i] = true;
+      prepared.truncated[i] = true;
     }
-    rows[i].ids = std::move(ids);
-    rows[i].want_token_states = request.return_token_embeddings;
+    prepared.lengths[i] = static_cast<int64_t>(ids.size());
+    prepared.rows[i].ids = std::move(ids);
   }
+  return prepared;
+}
 
-  // Keep the ids for the response before the batcher takes the rows.
+namespace {
+
+DeltaInfo InfoOf(const delta::DeltaPack& pack) {
+  DeltaInfo info;
+  info.digest = pack.digest();
+  info.name = pack.manifest().name;
+  for (const auto& m : pack.methods()) info.methods.push_back(delta::MethodKindName(m->kind()));
+  return info;
+}
+
+}  // namespace
+
+absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request, const CallContext& call) {
+  DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack, ResolveTask(request.tenant, request.task));
+  DS_ASSIGN_OR_RETURN(PreparedRows prepared, PrepareRows(request.texts, request.token_ids, request.truncation));
+  const size_t n = prepared.rows.size();
   std::vector<std::vector<int64_t>> kept_ids;
   if (request.return_token_ids) {
     kept_ids.reserve(n);
-    for (const auto& row : rows) kept_ids.push_back(row.ids);
+    for (const auto& row : prepared.rows) kept_ids.push_back(row.ids);
   }
-  std::vector<int64_t> lengths(n);
-  for (size_t i = 0; i < n; ++i) lengths[i] = static_cast<int64_t>(rows[i].ids.size());
-
+  for (auto& row : prepared.rows) {
+    row.want_token_states = request.return_token_embeddings;
+    row.delta = pack;
+  }
   DS_ASSIGN_OR_RETURN(std::vector<batching::RowResult> results,
-                      batcher_->Run(std::move(rows), call.deadline, call.is_cancelled));
+                      batcher_->Run(std::move(prepared.rows), call.deadline, call.is_cancelled));
 
   EmbedResponse response;
   response.embedding_dim = model_->info().embedding_dim;
@@ -135,10 +169,63 @@ absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request
     EmbedResult& out = response.results[i];
     out.embedding = std::move(results[i].embedding);
     out.token_embeddings = std::move(results[i].token_states);
-    out.num_tokens = lengths[i];
-    out.truncated = truncated[i];
+    out.num_tokens = prepared.lengths[i];
+    out.truncated = prepared.truncated[i];
     if (request.return_token_ids) out.token_ids = std::move(kept_ids[i]);
-    response.total_tokens += lengths[i];
+    response.total_tokens += prepared.lengths[i];
+  }
+  if (pack != nullptr) response.delta = InfoOf(*pack);
+  return response;
+}
+
+absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest& request, const CallContext& call) {
+  if (request.task.empty()) {
+    return absl::InvalidArgumentError("Classify needs a `task` whose delta pack has a head");
+  }
+  if (request.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0 (0 = every label)");
+  DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack, ResolveTask(request.tenant, request.task));
+  const delta::Head* head = pack->head();
+  if (head == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("the delta pack of task \"", request.task.task, "\" (",
+                                                      pack->digest(), ") has no head: use Embed"));
+  }
+  DS_ASSIGN_OR_RETURN(PreparedRows prepared, PrepareRows(request.texts, request.token_ids, request.truncation));
+  const size_t n = prepared.rows.size();
+  for (auto& row : prepared.rows) {
+    row.want_head = true;
+    row.delta = pack;
+  }
+  DS_ASSIGN_OR_RETURN(std::vector<batching::RowResult> results,
+                      batcher_->Run(std::move(prepared.rows), call.deadline, call.is_cancelled));
+
+  ClassifyResponse response;
+  response.regression = head->type() == delta::Head::Type::kRegression;
+  response.delta = InfoOf(*pack);
+  response.results.resize(n);
+  const std::vector<std::string>& labels = head->labels();
+  for (size_t i = 0; i < n; ++i) {
+    ClassifyResult& out = response.results[i];
+    out.num_tokens = prepared.lengths[i];
+    out.truncated = prepared.truncated[i];
+    response.total_tokens += prepared.lengths[i];
+    const std::vector<float>& logits = results[i].head_output;
+    if (response.regression) {
+      out.value = logits.empty() ? 0.f : logits[0];
+      continue;
+    }
+    // Softmax, then labels best first.
+    const float max_logit = logits.empty() ? 0.f : *std::max_element(logits.begin(), logits.end());
+    double sum = 0;
+    for (float l : logits) sum += std::exp(static_cast<double>(l - max_logit));
+    for (size_t k = 0; k < logits.size() && k < labels.size(); ++k) {
+      out.labels.push_back(LabelScore{
+          labels[k], static_cast<float>(std::exp(static_cast<double>(logits[k] - max_logit)) / sum), logits[k]});
+    }
+    std::stable_sort(out.labels.begin(), out.labels.end(),
+                     [](const LabelScore& a, const LabelScore& b) { return a.score > b.score; });
+    if (request.top_k > 0 && out.labels.size() > static_cast<size_t>(request.top_k)) {
+      out.labels.resize(static_cast<size_t>(request.top_k));
+    }
   }
   return response;
 }
@@ -177,7 +264,13 @@ absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows
 absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> rows) {
   const int64_t b = static_cast<int64_t>(rows.size());
   int64_t t = 0;
-  for (const auto& row : rows) t = std::max<int64_t>(t, row.input->ids.size());
+  std::vector<const delta::DeltaPack*> packs(rows.size(), nullptr);
+  bool any_delta = false;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    t = std::max<int64_t>(t, rows[i].input->ids.size());
+    packs[i] = rows[i].input->delta.get();
+    any_delta = any_delta || packs[i] != nullptr;
+  }
 
   model::ForwardInput input;
   DS_RETURN_IF_ERROR(TorchCallVoid(
@@ -195,11 +288,41 @@ absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> ro
       },
       "building the batch"));
 
-  DS_ASSIGN_OR_RETURN(model::ForwardOutput output, model_->Forward(input, /*hooks=*/nullptr));
+  std::unique_ptr<delta::DeltaBatch> hooks;
+  if (any_delta) {
+    DS_ASSIGN_OR_RETURN(hooks, delta::DeltaBatch::Create(packs, *model_));
+  }
+  DS_ASSIGN_OR_RETURN(model::ForwardOutput output, model_->Forward(input, hooks.get()));
+
+  // Heads: one Apply per distinct pack over its rows' sentence embeddings.
+  std::map<const delta::DeltaPack*, std::vector<int64_t>> head_rows;
+  for (int64_t i = 0; i < b; ++i) {
+    if (rows[i].input->want_head && packs[i] != nullptr && packs[i]->head() != nullptr) {
+      head_rows[packs[i]].push_back(i);
+    }
+  }
+  for (const auto& [pack, indices] : head_rows) {
+    DS_ASSIGN_OR_RETURN(at::Tensor selected, TorchCall(
+        [&] {
+          return output.pooled.index_select(0, at::tensor(indices, at::kLong).to(output.pooled.device()));
+        },
+        "selecting head rows"));
+    DS_ASSIGN_OR_RETURN(at::Tensor logits, pack->head()->Apply(selected));
+    DS_RETURN_IF_ERROR(TorchCallVoid(
+        [&] {
+          at::Tensor cpu = logits.to(at::kCPU, at::kFloat).contiguous();
+          const int64_t k = cpu.size(1);
+          const float* p = cpu.data_ptr<float>();
+          for (size_t j = 0; j < indices.size(); ++j) {
+            rows[indices[j]].result->head_output.assign(p + j * k, p + (j + 1) * k);
+          }
+        },
+        "reading head outputs"));
+  }
 
   return TorchCallVoid(
       [&] {
-        at::Tensor pooled = output.pooled.contiguous();
+        at::Tensor pooled = output.pooled.to(at::kCPU, at::kFloat).contiguous();
         const int64_t d = pooled.size(1);
         const float* p = pooled.data_ptr<float>();
         at::Tensor hidden;
@@ -210,13 +333,15 @@ absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> ro
           result.embedding.assign(p + i * d, p + (i + 1) * d);
           if (rows[i].input->want_token_states) {
             if (!hidden.defined()) {
-              hidden = output.hidden_states.contiguous();
+              hidden = output.hidden_states.to(at::kCPU, at::kFloat).contiguous();
               tt = hidden.size(1);
               h = hidden.size(2);
               hp = hidden.data_ptr<float>();
             }
+            // Skip soft prompt positions: the caller gets its own tokens' states.
+            const int64_t lead = hooks != nullptr ? hooks->LeadingVirtualTokens(i) : 0;
             const int64_t len = static_cast<int64_t>(rows[i].input->ids.size());
-            const float* row = hp + i * tt * h;
+            const float* row = hp + (i * tt + lead) * h;
             result.token_states.assign(row, row + len * h);
           }
         }

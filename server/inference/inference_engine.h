@@ -7,20 +7,27 @@
 //
 // Errors (all with a message a user can act on): INVALID_ARGUMENT for empty input, too many inputs, an over-long
 // text or id list (unless truncating), invalid UTF-8, an out-of-range token id, texts and ids mixed;
-// FAILED_PRECONDITION for a task reference (no delta store yet); the Batcher's RESOURCE_EXHAUSTED /
-// DEADLINE_EXCEEDED / CANCELLED / UNAVAILABLE.
+// NOT_FOUND / FAILED_PRECONDITION for a task reference the DeltaResolver cannot serve (or any task reference when
+// the engine has no resolver); FAILED_PRECONDITION for Classify on a pack without a head; the Batcher's
+// RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / CANCELLED / UNAVAILABLE.
+//
+// A request that names a task runs every one of its rows with that task's pack; rows of different tasks (and of
+// the base model) share forward passes: each row carries its pack (a shared_ptr that pins it until the row is
+// done) and the batch runner applies all of them in one pass (delta::DeltaBatch).
 #ifndef DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
 #define DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/batching/batcher.h"
+#include "server/inference/delta_resolver.h"
 #include "server/model/model.h"
 
 namespace deltaserve {
@@ -28,13 +35,11 @@ namespace inference {
 
 enum class Truncation { kDefault, kTruncate, kError };
 
-// A request's task selector (the public API's TaskRef). Empty = the base model.
-struct TaskSelector {
-  std::string task;
-  int64_t version = 0;  // 0 = unset
-  std::string label;
+// The delta pack that served a request.
+struct DeltaInfo {
   std::string digest;
-  bool empty() const { return task.empty() && version == 0 && label.empty() && digest.empty(); }
+  std::string name;
+  std::vector<std::string> methods;
 };
 
 struct EmbedRequest {
@@ -59,6 +64,36 @@ struct EmbedResponse {
   std::vector<EmbedResult> results;
   int64_t embedding_dim = 0;
   int64_t hidden_size = 0;
+  int64_t total_tokens = 0;
+  std::optional<DeltaInfo> delta;  // set when a task's pack ran
+};
+
+struct ClassifyRequest {
+  std::string tenant;
+  TaskSelector task;  // required
+  std::vector<std::string> texts;
+  std::vector<std::vector<int64_t>> token_ids;
+  Truncation truncation = Truncation::kDefault;
+  int top_k = 0;  // 0 = all labels
+};
+
+struct LabelScore {
+  std::string label;
+  float score = 0;  // softmax probability
+  float logit = 0;
+};
+
+struct ClassifyResult {
+  std::vector<LabelScore> labels;  // classification heads, best first
+  float value = 0;                 // regression heads
+  int64_t num_tokens = 0;
+  bool truncated = false;
+};
+
+struct ClassifyResponse {
+  std::vector<ClassifyResult> results;
+  bool regression = false;
+  DeltaInfo delta;
   int64_t total_tokens = 0;
 };
 
@@ -86,13 +121,16 @@ class InferenceEngine {
     batching::Batcher::Options batching;
   };
 
-  // REQUIRES: model is non-null; observer (may be null) outlives the engine.
+  // REQUIRES: model is non-null; observer and resolver (either may be null: no metrics, no deltas) outlive the
+  // engine, and the resolver's packs were loaded for `model`.
   static absl::StatusOr<std::unique_ptr<InferenceEngine>> Create(std::shared_ptr<const model::Model> model,
                                                                  const Options& options,
-                                                                 batching::BatcherObserver* observer);
+                                                                 batching::BatcherObserver* observer,
+                                                                 const DeltaResolver* resolver = nullptr);
   ~InferenceEngine();
 
   absl::StatusOr<EmbedResponse> Embed(const EmbedRequest& request, const CallContext& call);
+  absl::StatusOr<ClassifyResponse> Classify(const ClassifyRequest& request, const CallContext& call);
 
   // Stops taking requests and finishes the queued ones (part of a graceful shutdown).
   void Stop();
@@ -104,7 +142,19 @@ class InferenceEngine {
 
  private:
   InferenceEngine(std::shared_ptr<const model::Model> model, const Options& options,
-                  batching::BatcherObserver* observer);
+                  batching::BatcherObserver* observer, const DeltaResolver* resolver);
+
+  // Validated, tokenized and truncated rows of one request, all carrying `pack` (may be null).
+  struct PreparedRows {
+    std::vector<batching::RowInput> rows;
+    std::vector<bool> truncated;
+    std::vector<int64_t> lengths;
+  };
+  absl::StatusOr<PreparedRows> PrepareRows(const std::vector<std::string>& texts,
+                                           const std::vector<std::vector<int64_t>>& token_ids,
+                                           Truncation truncation) const;
+  absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> ResolveTask(const std::string& tenant,
+                                                                      const TaskSelector& task) const;
   // Runs a batch from the batcher, split by length when padding would waste too much.
   absl::Status RunBatch(absl::Span<const batching::BatchRow> rows);
   // One forward pass over `rows`.
@@ -112,6 +162,7 @@ class InferenceEngine {
 
   const std::shared_ptr<const model::Model> model_;
   const Options options_;
+  const DeltaResolver* const resolver_;
   const int64_t max_sequence_length_;
   std::unique_ptr<batching::Batcher> batcher_;
 };

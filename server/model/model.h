@@ -48,7 +48,7 @@ struct ModuleInfo {
   ModuleKind kind = ModuleKind::kLinear;
   int64_t layer = -1;      // transformer layer index, -1 outside the stack
   int64_t in_features = 0;   // kLinear: input width; kLayerNorm / kBlockOutput / kEmbedding: hidden width
-  int64_t out_features = 0;  // kLinear: output width; kAttention: NH * DH
+  int64_t out_features = 0;  // kLinear: output width; kEmbedding: its width (= in_features); kAttention: NH * DH
   bool has_bias = false;     // kLinear / kLayerNorm: whether the base module has a bias
   int64_t num_heads = 0;     // kAttention only
   int64_t head_dim = 0;      // kAttention only

@@ -219,6 +219,86 @@ int WriteAll(int fd, absl::string_view data) {
 
 }  // namespace
 
+absl::Status SafetensorsFile::Parse(const uint8_t* base, uint64_t size, const Options& options) {
+  if (size < kHeaderLengthBytes) {
+    return FileError(path_, absl::StrCat("file is ", size, " bytes, too short for the 8-byte header length"));
+  }
+  uint64_t header_size = 0;
+  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | base[i];
+  if (header_size == 0) return FileError(path_, "header length is 0");
+  if (header_size > options.max_header_bytes) {
+    return FileError(path_, absl::StrCat("header length ", header_size, " exceeds the limit of ",
+                                         options.max_header_bytes, " bytes"));
+  }
+  if (header_size > size - kHeaderLengthBytes) {
+    return FileError(path_, absl::StrCat("header length ", header_size, " runs past the end of the file (",
+                                         size - kHeaderLengthBytes, " bytes after the length)"));
+  }
+  data_ = base + kHeaderLengthBytes + header_size;
+  data_size_ = size - kHeaderLengthBytes - header_size;
+
+  const char* header_begin = reinterpret_cast<const char*>(base + kHeaderLengthBytes);
+  nlohmann::json header =
+      nlohmann::json::parse(header_begin, header_begin + header_size, /*cb=*/nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded()) return FileError(path_, "header is not valid JSON");
+  if (!header.is_object()) {
+    return FileError(path_, absl::StrCat("header is a JSON ", header.type_name(), ", not an object"));
+  }
+  // nlohmann stops at a NUL byte and skips a byte-order mark or leading spaces; the format allows none of them
+  // (only trailing spaces, as padding).
+  if (header_begin[0] != '{') return FileError(path_, "header does not start with '{'");
+  if (std::memchr(header_begin, '\0', header_size) != nullptr) return FileError(path_, "header contains a NUL byte");
+
+  std::vector<const SafetensorsEntry*> by_offset;
+  by_offset.reserve(header.size());
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    if (name == kMetadataKey) {
+      if (!it->is_object()) return FileError(path_, "\"__metadata__\" is not an object");
+      for (auto m = it->begin(); m != it->end(); ++m) {
+        if (!m->is_string()) {
+          return FileError(path_, absl::StrCat("\"__metadata__\" value of ", Quote(m.key()), " is a JSON ",
+                                               m->type_name(), ", not a string"));
+        }
+        metadata_.emplace(m.key(), m->get<std::string>());
+      }
+      continue;
+    }
+    DS_ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(path_, name, *it, data_size_));
+    auto [pos, inserted] = entries_.emplace(name, std::move(entry));
+    by_offset.push_back(&pos->second);
+  }
+
+  // The tensors must tile the data region exactly: no overlap, no hole, nothing after the last one.
+  std::sort(by_offset.begin(), by_offset.end(), [](const SafetensorsEntry* a, const SafetensorsEntry* b) {
+    return std::tie(a->begin, a->end, a->name) < std::tie(b->begin, b->end, b->name);
+  });
+  uint64_t expected = 0;
+  const SafetensorsEntry* previous = nullptr;
+  for (const SafetensorsEntry* e : by_offset) {
+    if (e->begin < expected) {
+      return TensorError(path_, e->name,
+                         absl::StrCat("data_offsets [", e->begin, ", ", e->end, "] overlap tensor ",
+                                      Quote(previous->name), " at [", previous->begin, ", ", previous->end, "]"));
+    }
+    if (e->begin > expected) {
+      return TensorError(
+          path_, e->name,
+          absl::StrCat("data_offsets [", e->begin, ", ", e->end, "] leave a hole of ", e->begin - expected,
+                       " bytes at [", expected, ", ", e->begin, ") in the data region"));
+    }
+    expected = e->end;
+    previous = e;
+    order_.push_back(e->name);
+  }
+  if (expected != data_size_) {
+    return FileError(path_,
+                     absl::StrCat("data region is ", data_size_, " bytes but the tensors cover only ", expected,
+                                  "; bytes [", expected, ", ", data_size_, ") belong to no tensor"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
                                                                        const Options& options) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
@@ -248,85 +328,23 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   file->map_ = map;
   file->map_size_ = file_size;  // from here on the destructor unmaps
 
-  const uint8_t* base = static_cast<const uint8_t*>(map);
-  uint64_t header_size = 0;
-  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | base[i];
-  if (header_size == 0) return FileError(path, "header length is 0");
-  if (header_size > options.max_header_bytes) {
-    return FileError(path, absl::StrCat("header length ", header_size, " exceeds the limit of ",
-                                        options.max_header_bytes, " bytes"));
-  }
-  if (header_size > file_size - kHeaderLengthBytes) {
-    return FileError(path, absl::StrCat("header length ", header_size, " runs past the end of the file (",
-                                        file_size - kHeaderLengthBytes, " bytes after the length)"));
-  }
-  file->data_ = base + kHeaderLengthBytes + header_size;
-  file->data_size_ = file_size - kHeaderLengthBytes - header_size;
-
-  const char* header_begin = reinterpret_cast<const char*>(base + kHeaderLengthBytes);
-  nlohmann::json header =
-      nlohmann::json::parse(header_begin, header_begin + header_size, /*cb=*/nullptr, /*allow_exceptions=*/false);
-  if (header.is_discarded()) return FileError(path, "header is not valid JSON");
-  if (!header.is_object()) {
-    return FileError(path, absl::StrCat("header is a JSON ", header.type_name(), ", not an object"));
-  }
-  // nlohmann stops at a NUL byte and skips a byte-order mark or leading spaces; the format allows none of them
-  // (only trailing spaces, as padding).
-  if (header_begin[0] != '{') return FileError(path, "header does not start with '{'");
-  if (std::memchr(header_begin, '\0', header_size) != nullptr) return FileError(path, "header contains a NUL byte");
-
-  std::vector<const SafetensorsEntry*> by_offset;
-  by_offset.reserve(header.size());
-  for (auto it = header.begin(); it != header.end(); ++it) {
-    const std::string& name = it.key();
-    if (name == kMetadataKey) {
-      if (!it->is_object()) return FileError(path, "\"__metadata__\" is not an object");
-      for (auto m = it->begin(); m != it->end(); ++m) {
-        if (!m->is_string()) {
-          return FileError(path, absl::StrCat("\"__metadata__\" value of ", Quote(m.key()), " is a JSON ",
-                                              m->type_name(), ", not a string"));
-        }
-        file->metadata_.emplace(m.key(), m->get<std::string>());
-      }
-      continue;
-    }
-    DS_ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(path, name, *it, file->data_size_));
-    auto [pos, inserted] = file->entries_.emplace(name, std::move(entry));
-    by_offset.push_back(&pos->second);
-  }
-
-  // The tensors must tile the data region exactly: no overlap, no hole, nothing after the last one.
-  std::sort(by_offset.begin(), by_offset.end(), [](const SafetensorsEntry* a, const SafetensorsEntry* b) {
-    return std::tie(a->begin, a->end, a->name) < std::tie(b->begin, b->end, b->name);
-  });
-  uint64_t expected = 0;
-  const SafetensorsEntry* previous = nullptr;
-  for (const SafetensorsEntry* e : by_offset) {
-    if (e->begin < expected) {
-      return TensorError(path, e->name,
-                         absl::StrCat("data_offsets [", e->begin, ", ", e->end, "] overlap tensor ",
-                                      Quote(previous->name), " at [", previous->begin, ", ", previous->end, "]"));
-    }
-    if (e->begin > expected) {
-      return TensorError(
-          path, e->name,
-          absl::StrCat("data_offsets [", e->begin, ", ", e->end, "] leave a hole of ", e->begin - expected,
-                       " bytes at [", expected, ", ", e->begin, ") in the data region"));
-    }
-    expected = e->end;
-    previous = e;
-    file->order_.push_back(e->name);
-  }
-  if (expected != file->data_size_) {
-    return FileError(path,
-                     absl::StrCat("data region is ", file->data_size_, " bytes but the tensors cover only ", expected,
-                                  "; bytes [", expected, ", ", file->data_size_, ") belong to no tensor"));
-  }
+  DS_RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), file_size, options));
   return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
   if (map_ != nullptr) ::munmap(map_, map_size_);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBuffer(std::string bytes,
+                                                                             const Options& options,
+                                                                             absl::string_view display_name) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = std::string(display_name);
+  file->buffer_ = std::move(bytes);  // the object is on the heap and never moves: data pointers stay valid
+  DS_RETURN_IF_ERROR(file->Parse(reinterpret_cast<const uint8_t*>(file->buffer_.data()), file->buffer_.size(),
+                                 options));
+  return file;
 }
 
 std::vector<std::string> SafetensorsFile::names() const { return order_; }

@@ -9,7 +9,9 @@
 //
 // Owns the mapping; tensors returned by View() borrow it (zero copy) and must not outlive the SafetensorsFile,
 // tensors returned by Load() are owned copies converted to the requested dtype.
-// Thread-safe after Open(): all methods are const.
+// FromBuffer() does the same over bytes already in memory (e.g. a delta pack received over the network): the same
+// validation, the object owns the bytes, and path() is the display name used in error messages.
+// Thread-safe after Open() / FromBuffer(): all methods are const.
 #ifndef DELTASERVE_SERVER_MODEL_SAFETENSORS_H_
 #define DELTASERVE_SERVER_MODEL_SAFETENSORS_H_
 
@@ -48,6 +50,10 @@ class SafetensorsFile {
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path) {
     return Open(path, Options());
   }
+  // The same as Open() over `bytes` held in memory (owned by the returned object). Errors are INVALID_ARGUMENT
+  // prefixed with `display_name` instead of a path.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBuffer(std::string bytes, const Options& options,
+                                                                     absl::string_view display_name = "<memory>");
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -63,7 +69,8 @@ class SafetensorsFile {
   absl::StatusOr<absl::string_view> bytes(absl::string_view name) const;
 
   // A zero-copy CPU tensor over the mapping in the file's dtype. REQUIRES: the file outlives the tensor, and the
-  // tensor is never written to (the mapping is read-only: a write faults). When the tensor's bytes are not aligned
+  // tensor is never written to (the mapping is read-only: a write faults; a FromBuffer() object's bytes would be
+  // silently changed). When the tensor's bytes are not aligned
   // for its type (possible in files from other writers), an owned aligned copy is returned instead.
   // NOT_FOUND when absent; UNIMPLEMENTED for dtypes other than F32/F16/BF16/I64/I32.
   absl::StatusOr<at::Tensor> View(absl::string_view name) const;
@@ -73,7 +80,11 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the header and the data region of the `size` bytes at `base` (the mapping or buffer_) and fills the
+  // members below. Errors name path_.
+  absl::Status Parse(const uint8_t* base, uint64_t size, const Options& options);
   std::string path_;
+  std::string buffer_;  // FromBuffer(): the bytes; empty for mapped files
   void* map_ = nullptr;
   size_t map_size_ = 0;
   const uint8_t* data_ = nullptr;  // start of the data region

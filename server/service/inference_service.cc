@@ -11,46 +11,91 @@ namespace {
 
 namespace pb = ::deltaserve::v1;
 
+inference::TaskSelector FromProto(const pb::TaskRef& task);
+inference::Truncation FromProto(pb::Truncation truncation);
+
 inference::EmbedRequest FromProto(const pb::EmbedRequest& in) {
   inference::EmbedRequest out;
   out.tenant = in.tenant();
-  if (in.has_task()) {
-    out.task.task = in.task().task();
-    switch (in.task().selector_case()) {
-      case pb::TaskRef::kVersion:
-        out.task.version = in.task().version();
-        if (out.task.version == 0) out.task.version = -1;  // set but invalid: still "not empty"
-        break;
-      case pb::TaskRef::kLabel:
-        out.task.label = in.task().label();
-        break;
-      case pb::TaskRef::kDigest:
-        out.task.digest = in.task().digest();
-        break;
-      case pb::TaskRef::SELECTOR_NOT_SET:
-        break;
-    }
-  }
+  if (in.has_task()) out.task = FromProto(in.task());
   out.texts.assign(in.texts().begin(), in.texts().end());
   out.token_ids.reserve(in.token_ids_size());
   for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
   out.return_token_embeddings = in.return_token_embeddings();
   out.return_token_ids = in.return_token_ids();
-  switch (in.truncation()) {
-    case pb::TRUNCATION_TRUNCATE:
-      out.truncation = inference::Truncation::kTruncate;
+  out.truncation = FromProto(in.truncation());
+  return out;
+}
+
+void ToProto(const inference::DeltaInfo& in, pb::DeltaInfo* out) {
+  out->set_digest(in.digest);
+  out->set_name(in.name);
+  for (const std::string& m : in.methods) out->add_methods(m);
+}
+
+inference::TaskSelector FromProto(const pb::TaskRef& task) {
+  inference::TaskSelector out;
+  out.task = task.task();
+  switch (task.selector_case()) {
+    case pb::TaskRef::kVersion:
+      out.version = task.version();
+      if (out.version == 0) out.version = -1;  // set but invalid: still "not empty"
       break;
-    case pb::TRUNCATION_ERROR:
-      out.truncation = inference::Truncation::kError;
+    case pb::TaskRef::kLabel:
+      out.label = task.label();
       break;
-    default:
-      out.truncation = inference::Truncation::kDefault;
+    case pb::TaskRef::kDigest:
+      out.digest = task.digest();
+      break;
+    case pb::TaskRef::SELECTOR_NOT_SET:
+      break;
   }
   return out;
 }
 
+inference::Truncation FromProto(pb::Truncation truncation) {
+  switch (truncation) {
+    case pb::TRUNCATION_TRUNCATE:
+      return inference::Truncation::kTruncate;
+    case pb::TRUNCATION_ERROR:
+      return inference::Truncation::kError;
+    default:
+      return inference::Truncation::kDefault;
+  }
+}
+
+inference::ClassifyRequest FromProto(const pb::ClassifyRequest& in) {
+  inference::ClassifyRequest out;
+  out.tenant = in.tenant();
+  if (in.has_task()) out.task = FromProto(in.task());
+  out.texts.assign(in.texts().begin(), in.texts().end());
+  out.token_ids.reserve(in.token_ids_size());
+  for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
+  out.truncation = FromProto(in.truncation());
+  out.top_k = in.top_k();
+  return out;
+}
+
+void ToProto(const inference::ClassifyResponse& in, const std::string& model_name, pb::ClassifyResponse* out) {
+  out->set_model(model_name);
+  ToProto(in.delta, out->mutable_delta());
+  for (const inference::ClassifyResult& r : in.results) {
+    pb::ClassifyResult* result = out->add_results();
+    for (const inference::LabelScore& l : r.labels) {
+      pb::LabelScore* label = result->add_labels();
+      label->set_label(l.label);
+      label->set_score(l.score);
+      label->set_logit(l.logit);
+    }
+    result->set_value(r.value);
+    result->set_num_tokens(static_cast<int32_t>(r.num_tokens));
+    result->set_truncated(r.truncated);
+  }
+}
+
 void ToProto(inference::EmbedResponse&& in, const std::string& model_name, pb::EmbedResponse* out) {
   out->set_model(model_name);
+  if (in.delta.has_value()) ToProto(*in.delta, out->mutable_delta());
   out->mutable_results()->Reserve(static_cast<int>(in.results.size()));
   for (inference::EmbedResult& r : in.results) {
     pb::EmbedResult* result = out->add_results();
@@ -90,6 +135,22 @@ grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb:
   return ToGrpcStatus(status);
 }
 
+grpc::Status InferenceServiceImpl::Classify(grpc::ServerContext* context, const pb::ClassifyRequest* request,
+                                            pb::ClassifyResponse* response) {
+  const absl::Time start = absl::Now();
+  inference::CallContext call;
+  call.deadline = absl::FromChrono(context->deadline());
+  call.is_cancelled = [context] { return context->IsCancelled(); };
+  absl::StatusOr<inference::ClassifyResponse> result = engine_->Classify(FromProto(*request), call);
+  if (result.ok()) {
+    metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
+    ToProto(*result, engine_->model().info().name, response);
+  }
+  const absl::Status status = result.status();
+  metrics_->RecordRequest("Classify", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
 grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
                                                 const pb::GetModelInfoRequest* request,
                                                 pb::GetModelInfoResponse* response) {
@@ -124,6 +185,7 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
   response->set_blas(facts_.blas);
   response->set_intra_op_threads(facts_.intra_op_threads);
   response->set_model_load_seconds(facts_.model_load_seconds);
+  response->set_num_deltas(facts_.num_deltas);
   metrics_->RecordRequest("GetModelInfo", absl::StatusCode::kOk, absl::Now() - start);
   return grpc::Status::OK;
 }

@@ -23,6 +23,7 @@ struct ServerFacts {
   int intra_op_threads = 0;
   double model_load_seconds = 0;
   int64_t max_receive_message_bytes = 0;
+  int num_deltas = 0;
 };
 
 class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Service {
@@ -32,6 +33,8 @@ class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Serv
 
   grpc::Status Embed(grpc::ServerContext* context, const deltaserve::v1::EmbedRequest* request,
                      deltaserve::v1::EmbedResponse* response) override;
+  grpc::Status Classify(grpc::ServerContext* context, const deltaserve::v1::ClassifyRequest* request,
+                        deltaserve::v1::ClassifyResponse* response) override;
   grpc::Status GetModelInfo(grpc::ServerContext* context, const deltaserve::v1::GetModelInfoRequest* request,
                             deltaserve::v1::GetModelInfoResponse* response) override;
 

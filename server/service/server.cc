@@ -36,8 +36,16 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->metrics_->SetModelLoadSeconds(load_seconds);
   server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
 
+  if (!options.delta_dir.empty()) {
+    inference::DirectoryDeltaResolver::LoadReport report;
+    DS_ASSIGN_OR_RETURN(server->resolver_, inference::DirectoryDeltaResolver::Create(
+                                               options.delta_dir, *server->model_, {}, &report));
+    DS_LOG(INFO) << "loaded " << report.loaded << " delta packs from " << options.delta_dir
+                 << (report.failed.empty() ? "" : absl::StrCat(" (", report.failed.size(), " skipped, see above)"));
+  }
   DS_ASSIGN_OR_RETURN(server->engine_,
-                      inference::InferenceEngine::Create(server->model_, options.engine, server->metrics_.get()));
+                      inference::InferenceEngine::Create(server->model_, options.engine, server->metrics_.get(),
+                                                         server->resolver_.get()));
 
   ServerFacts facts;
   facts.server_version = kDeltaserveVersion;
@@ -46,6 +54,7 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   facts.intra_op_threads = options.intra_op_threads;
   facts.model_load_seconds = load_seconds;
   facts.max_receive_message_bytes = options.max_receive_message_bytes;
+  facts.num_deltas = server->resolver_ ? server->resolver_->num_packs() : 0;
   server->inference_service_ =
       std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts);
 

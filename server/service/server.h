@@ -39,6 +39,8 @@ class DeltaServer {
     std::string metrics_address = "127.0.0.1:9464";
     // The model directory (docs/MODELS.md).
     std::string model_dir = "models/use-lite";
+    // Directory of delta packs served by task name ("" = none); see inference/delta_resolver.h.
+    std::string delta_dir;
     // Device and compute dtype of the model.
     model::ModelOptions model;
     // Request limits and batching.
@@ -71,6 +73,7 @@ class DeltaServer {
   Options options_;
   std::shared_ptr<const model::Model> model_;
   std::unique_ptr<metrics::ServerMetrics> metrics_;
+  std::unique_ptr<inference::DeltaResolver> resolver_;
   std::unique_ptr<inference::InferenceEngine> engine_;
   std::unique_ptr<InferenceServiceImpl> inference_service_;
   std::unique_ptr<grpc::Server> server_;

@@ -202,7 +202,7 @@ TEST_F(InferenceEngineTest, RejectsBadRequestsWithMessagesNamingTheInput) {
     EmbedRequest r;
     r.texts = {"a"};
     r.task.label = "prod";
-    cases.push_back({r, absl::StatusCode::kFailedPrecondition, "delta store"});
+    cases.push_back({r, absl::StatusCode::kFailedPrecondition, "--delta_dir"});
   }
   for (const Case& c : cases) {
     auto r = engine->Embed(c.request, {});

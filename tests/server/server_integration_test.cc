@@ -294,7 +294,7 @@ TEST_F(ServerIntegrationTest, AnswersFailedPreconditionForATaskReference) {
   request.mutable_task()->set_label("prod");
   auto r = client_->Embed(request);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(r.status().message(), HasSubstr("delta store"));
+  EXPECT_THAT(r.status().message(), HasSubstr("--delta_dir"));
 }
 
 TEST_F(ServerIntegrationTest, ServesPrometheusMetricsThatPromtoolAccepts) {

@@ -275,7 +275,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
                       load("embeddings.timing_signal.inv_timescales", {num_timescales}, at::kFloat));
   model->parameters_["embeddings.word_embeddings.weight"] = model->word_embeddings_;
   model->embedding_module_ =
-      MakeModule("embeddings.word_embeddings", ModuleKind::kEmbedding, -1, emb_size, 0, false);
+      MakeModule("embeddings.word_embeddings", ModuleKind::kEmbedding, -1, emb_size, emb_size, false);
   model->modules_.push_back(model->embedding_module_);
 
   for (int64_t l = 0; l < num_layers; ++l) {

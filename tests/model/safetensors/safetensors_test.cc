@@ -520,6 +520,56 @@ TEST_F(SafetensorsTest, SurvivesEveryTruncationAndByteFlip) {
   }
 }
 
+TEST_F(SafetensorsTest, FromBufferReadsWhatTheWriterWrote) {
+  at::Tensor a = at::randn({3, 4});
+  at::Tensor b = at::arange(0, 5, at::kLong);
+  absl::StatusOr<std::string> bytes = SerializeSafetensors({{"a", a}, {"b", b}}, {{"k", "v"}});
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
+      SafetensorsFile::FromBuffer(*bytes, SafetensorsFile::Options(), "pack");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->path(), "pack");
+  EXPECT_EQ((*file)->metadata(), (std::map<std::string, std::string>{{"k", "v"}}));
+  EXPECT_THAT((*file)->names(), ElementsAre("b", "a"));  // file order: 8-byte items first
+  absl::StatusOr<at::Tensor> va = (*file)->View("a");
+  ASSERT_TRUE(va.ok()) << va.status();
+  EXPECT_TRUE(va->equal(a));
+  absl::StatusOr<at::Tensor> lb = (*file)->Load("b", at::kLong);
+  ASSERT_TRUE(lb.ok()) << lb.status();
+  EXPECT_TRUE(lb->equal(b));
+  // Small buffers (short-string storage) too.
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> empty =
+      SafetensorsFile::FromBuffer(MakeAlignedFile("{}"), SafetensorsFile::Options());
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE((*empty)->names().empty());
+}
+
+TEST_F(SafetensorsTest, FromBufferValidatesLikeOpen) {
+  auto expect_invalid = [](const std::string& bytes, const std::string& needle,
+                           const SafetensorsFile::Options& options = {}) {
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::FromBuffer(bytes, options, "buf");
+    ASSERT_FALSE(file.ok());
+    EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument) << file.status();
+    EXPECT_THAT(std::string(file.status().message()), HasSubstr("buf: "));
+    EXPECT_THAT(std::string(file.status().message()), HasSubstr(needle));
+  };
+  expect_invalid("", "too short");
+  expect_invalid(LengthPrefix(0) + "{}", "header length is 0");
+  expect_invalid(LengthPrefix(100) + "{}", "runs past the end");
+  SafetensorsFile::Options small;
+  small.max_header_bytes = 4;
+  expect_invalid(MakeAlignedFile("{}      "), "exceeds the limit", small);
+  expect_invalid(MakeAlignedFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", Floats({1})),
+                 "tensor 'a'");
+  expect_invalid(MakeAlignedFile("{}", "x"), "belong to no tensor");
+  // Every truncation of a valid buffer fails cleanly.
+  absl::StatusOr<std::string> valid = SerializeSafetensors({{"a", at::arange(0, 3, at::kFloat)}}, {{"k", "v"}});
+  ASSERT_TRUE(valid.ok());
+  for (size_t n = 0; n < valid->size(); ++n) {
+    EXPECT_FALSE(SafetensorsFile::FromBuffer(valid->substr(0, n), SafetensorsFile::Options()).ok()) << n;
+  }
+}
+
 }  // namespace
 }  // namespace model
 }  // namespace deltaserve
