@@ -57,6 +57,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "deltaserve: %s\n", std::string(st.message()).c_str());
     return 2;
   }
+  deltaserve::ConfigureAllocator();
   // Block SIGTERM/SIGINT in every thread; one thread waits for them with sigwait.
   sigset_t signals;
   sigemptyset(&signals);

@@ -10,7 +10,6 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/index_copy.h>
 #include <ATen/ops/index_select.h>
@@ -34,27 +33,10 @@
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
-#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
 namespace {
-
-// INVALID_ARGUMENT when spec.config is not an object (null is an empty one) or holds a key not in `known`.
-absl::Status CheckConfigKeys(MethodSpec* spec, const std::vector<std::string>& known) {
-  const char* kind = MethodKindName(spec->kind);
-  if (spec->config.is_null()) spec->config = nlohmann::json::object();
-  if (!spec->config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec->config.dump()));
-  }
-  for (const auto& item : spec->config.items()) {
-    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
-                                                     absl::StrJoin(known, ", "), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 enum class Activation { kRelu, kGelu, kTanh, kSwish };
 
@@ -89,12 +71,6 @@ struct AdapterModule {
   at::Tensor up_b;         // [out], times scaling
 };
 
-// The model a method was created for: same weights file, dtype and device.
-std::string ModelKey(const model::Model& model) {
-  const model::ModelInfo& info = model.info();
-  return absl::StrCat(info.fingerprint, "|", info.dtype, "|", info.device);
-}
-
 class AdapterMethod : public Method {
  public:
   MethodKind kind() const override { return spec_.kind; }
@@ -115,13 +91,6 @@ const model::ModuleInfo* FindModule(const model::Model& model, const std::string
   return nullptr;
 }
 
-std::vector<std::string> Names(const std::vector<const model::ModuleInfo*>& modules) {
-  std::vector<std::string> names;
-  for (const model::ModuleInfo* m : modules) names.push_back(m->name);
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const model::Model& model,
                                                           const MethodLimits& limits, bool parallel) {
   const MethodKind kind = parallel ? MethodKind::kParallelAdapter : MethodKind::kAdapter;
@@ -130,7 +99,7 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const
   const std::vector<std::string> known =
       parallel ? std::vector<std::string>{"bottleneck", "activation", "targets", "scaling"}
                : std::vector<std::string>{"bottleneck", "activation", "placement", "targets", "scaling"};
-  DS_RETURN_IF_ERROR(CheckConfigKeys(&spec, known));
+  DS_RETURN_IF_ERROR(CheckConfigKeys(spec, known));
   DS_ASSIGN_OR_RETURN(const int64_t bottleneck,
                       ConfigPositiveInt(spec, "bottleneck", limits.max_bottleneck, /*fallback=*/-1));
   DS_ASSIGN_OR_RETURN(const std::string activation_name, ConfigString(spec, "activation", "relu"));
@@ -139,17 +108,14 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const
 
   // Targets.
   const std::vector<model::ModuleKind> block_kind = {model::ModuleKind::kBlockOutput};
+  const char* block_what = "block output modules";
   std::vector<const model::ModuleInfo*> targets;
   std::string placement;
   const bool has_targets = spec.config.contains("targets") && !spec.config["targets"].is_null();
   if (parallel) {
     DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns,
                         TargetPatterns(spec, {R"(re:encoder\.layer\.[0-9]+\.output)"}));
-    absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, block_kind);
-    if (!resolved.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(kname, ": ", resolved.status().message()));
-    }
-    targets = *std::move(resolved);
+    DS_ASSIGN_OR_RETURN(targets, ResolveMethodTargets(spec, patterns, model, block_kind, block_what));
   } else {
     DS_ASSIGN_OR_RETURN(placement, ConfigString(spec, "placement", "houlsby"));
     std::vector<const model::ModuleInfo*> placed;
@@ -174,16 +140,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const
     }
     if (has_targets) {
       DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns, TargetPatterns(spec, {}));
-      absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, block_kind);
-      if (!resolved.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(kname, ": ", resolved.status().message()));
-      }
-      targets = *std::move(resolved);
+      DS_ASSIGN_OR_RETURN(targets, ResolveMethodTargets(spec, patterns, model, block_kind, block_what));
       // A canonical spec carries both its placement and the resolved targets: they must agree.
-      if (placement != "custom" && Names(targets) != Names(placed)) {
+      const std::vector<std::string> names = SortedNames(targets), placed_names = SortedNames(placed);
+      if (placement != "custom" && names != placed_names) {
         return absl::InvalidArgumentError(
-            absl::StrCat(kname, ": \"targets\" [", absl::StrJoin(Names(targets), ", "), "] differ from placement \"",
-                         placement, "\" (", absl::StrJoin(Names(placed), ", "),
+            absl::StrCat(kname, ": \"targets\" [", absl::StrJoin(names, ", "), "] differ from placement \"",
+                         placement, "\" (", absl::StrJoin(placed_names, ", "),
                          "); use placement \"custom\" for other targets"));
       }
     } else {
@@ -238,7 +201,7 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const
   config["bottleneck"] = bottleneck;
   config["activation"] = activation_name;
   config["scaling"] = scaling;
-  config["targets"] = Names(targets);
+  config["targets"] = SortedNames(targets);
   if (!parallel) config["placement"] = placement;
   spec.config = std::move(config);
   spec.tensors = std::move(canonical);
@@ -292,12 +255,6 @@ at::Tensor ApplyPlan(const BlockPlan& plan, const at::Tensor& input, const at::T
   }
   if (rows.size() == 1) return hidden.index_copy(0, rows[0], values[0]);
   return hidden.index_copy(0, at::cat(rows, 0), at::cat(values, 0));
-}
-
-at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
-  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
-  return t.to(device);
 }
 
 // Plans every block that some row targets.

@@ -14,30 +14,10 @@
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
-#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
-
-namespace method_helpers {  // defined in lora.cc
-absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known);
-absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
-    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
-    const std::vector<model::ModuleKind>& kinds, const char* what);
-std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules);
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
-bool Exclusive(const at::Tensor& t);
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
-}  // namespace method_helpers
-
 namespace {
-
-using method_helpers::BroadcastRows;
-using method_helpers::CheckConfigKeys;
-using method_helpers::CheckRows;
-using method_helpers::Exclusive;
-using method_helpers::ResolveMethodTargets;
-using method_helpers::SortedNames;
 
 // Every linear and layer-norm module (BitFit tunes all biases).
 const std::vector<std::string> kDefaultTargets = {"re:.*"};
@@ -49,8 +29,8 @@ int64_t BiasWidth(const model::ModuleInfo& m) {
 
 class BitFitMethod : public Method {
  public:
-  BitFitMethod(MethodSpec spec, const model::Model* model, std::map<std::string, at::Tensor> biases)
-      : spec_(std::move(spec)), model_(model), biases_(std::move(biases)) {
+  BitFitMethod(MethodSpec spec, std::string model_key, std::map<std::string, at::Tensor> biases)
+      : spec_(std::move(spec)), model_key_(std::move(model_key)), biases_(std::move(biases)) {
     for (const auto& [name, b] : biases_) bytes_ += b.nbytes();
   }
 
@@ -58,13 +38,14 @@ class BitFitMethod : public Method {
   const MethodSpec& spec() const override { return spec_; }
   int64_t bytes() const override { return bytes_; }
 
-  const model::Model* model() const { return model_; }
+  // ModelKey of the model it was created for.
+  const std::string& model_key() const { return model_key_; }
   // Module name -> bias delta [out] on the model's device and dtype.
   const std::map<std::string, at::Tensor>& biases() const { return biases_; }
 
  private:
   MethodSpec spec_;
-  const model::Model* model_;
+  std::string model_key_;
   std::map<std::string, at::Tensor> biases_;
   int64_t bytes_ = 0;
 };
@@ -80,7 +61,7 @@ class BitFitBatch : public MethodBatch {
     Add(module, output);
   }
 
-  // Module name -> [B, out]: row i's bias delta, zeros for rows without.
+  // Module name -> [B, out]: row i's bias delta, zeros for rows without ([1, out] when every row has the same).
   std::unordered_map<std::string, at::Tensor> biases_;
 
  private:
@@ -123,12 +104,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateBitFit(MethodSpec spec, const mode
   }
   DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
   canonical.config = {{"targets", SortedNames(modules)}};
-  return std::unique_ptr<Method>(new BitFitMethod(std::move(canonical), &model, std::move(biases)));
+  return std::unique_ptr<Method>(new BitFitMethod(std::move(canonical), ModelKey(model), std::move(biases)));
 }
 
 absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<const Method*>& rows,
                                                              const model::Model& model) {
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const std::string key = ModelKey(model);
   std::vector<const BitFitMethod*> methods(rows.size(), nullptr);
   // Module -> its width, for every module some row targets.
   std::map<std::string, int64_t> widths;
@@ -139,9 +121,9 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<c
           absl::StrCat("bitfit batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
     }
     methods[i] = static_cast<const BitFitMethod*>(rows[i]);
-    if (methods[i]->model() != &model) {
+    if (methods[i]->model_key() != key) {
       return absl::InvalidArgumentError(
-          absl::StrCat("bitfit batch: row ", i, "'s method was created for another model"));
+          absl::StrCat("bitfit batch: row ", i, "'s method was created for another model, dtype or device"));
     }
     for (const auto& [name, b] : methods[i]->biases()) widths[name] = b.size(0);
   }
@@ -158,6 +140,12 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<c
             if (it == methods[i]->biases().end()) continue;
             per_row[i] = it->second;
             like = it->second;
+          }
+          bool one = true;  // every row adds the same bias: keep it as [1, out]
+          for (const at::Tensor& t : per_row) one = one && t.defined() && t.is_same(per_row.front());
+          if (one) {
+            batch->biases_.emplace(name, per_row.front().unsqueeze(0));
+            continue;
           }
           at::Tensor& zero = zeros[width];
           if (!zero.defined()) zero = at::zeros({width}, like.options());

@@ -19,26 +19,7 @@
 
 namespace deltaserve {
 namespace delta {
-
-namespace method_helpers {  // defined in lora.cc
-absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known);
-absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
-    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
-    const std::vector<model::ModuleKind>& kinds, const char* what);
-std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules);
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
-bool Exclusive(const at::Tensor& t);
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
-}  // namespace method_helpers
-
 namespace {
-
-using method_helpers::BroadcastRows;
-using method_helpers::CheckConfigKeys;
-using method_helpers::CheckRows;
-using method_helpers::Exclusive;
-using method_helpers::ResolveMethodTargets;
-using method_helpers::SortedNames;
 
 // PEFT's BERT defaults: keys, values and the FFN down-projection (encoder.layer.N.output.dense, not
 // encoder.layer.N.attention.output.dense, which the dotted suffix "output.dense" would also match).
@@ -75,8 +56,8 @@ class Ia3Method : public Method {
     at::Tensor scale;          // [in] or [out] on the model's device and dtype
   };
 
-  Ia3Method(MethodSpec spec, const model::Model* model, std::map<std::string, Target> targets)
-      : spec_(std::move(spec)), model_(model), targets_(std::move(targets)) {
+  Ia3Method(MethodSpec spec, std::string model_key, std::map<std::string, Target> targets)
+      : spec_(std::move(spec)), model_key_(std::move(model_key)), targets_(std::move(targets)) {
     for (const auto& [name, t] : targets_) bytes_ += t.scale.nbytes();
   }
 
@@ -84,12 +65,13 @@ class Ia3Method : public Method {
   const MethodSpec& spec() const override { return spec_; }
   int64_t bytes() const override { return bytes_; }
 
-  const model::Model* model() const { return model_; }
+  // ModelKey of the model it was created for.
+  const std::string& model_key() const { return model_key_; }
   const std::map<std::string, Target>& targets() const { return targets_; }
 
  private:
   MethodSpec spec_;
-  const model::Model* model_;
+  std::string model_key_;
   std::map<std::string, Target> targets_;
   int64_t bytes_ = 0;
 };
@@ -105,7 +87,7 @@ class Ia3Batch : public MethodBatch {
     Scale(output_scales_, module, output);
   }
 
-  // Module name -> [B, n]: row i's scale, ones for rows without.
+  // Module name -> [B, n]: row i's scale, ones for rows without ([1, n] when every row has the same).
   std::unordered_map<std::string, at::Tensor> input_scales_, output_scales_;
 
  private:
@@ -173,12 +155,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateIa3(MethodSpec spec, const model::
   DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
   canonical.config = {{"targets", SortedNames(modules)},
                       {"feedforward", nlohmann::json(SortedNames(feedforward))}};
-  return std::unique_ptr<Method>(new Ia3Method(std::move(canonical), &model, std::move(targets)));
+  return std::unique_ptr<Method>(new Ia3Method(std::move(canonical), ModelKey(model), std::move(targets)));
 }
 
 absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<const Method*>& rows,
                                                           const model::Model& model) {
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const std::string key = ModelKey(model);
   std::vector<const Ia3Method*> methods(rows.size(), nullptr);
   // (module, feed-forward) -> width, for every module some row targets.
   std::map<std::pair<std::string, bool>, int64_t> widths;
@@ -189,8 +172,9 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<cons
           absl::StrCat("ia3 batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
     }
     methods[i] = static_cast<const Ia3Method*>(rows[i]);
-    if (methods[i]->model() != &model) {
-      return absl::InvalidArgumentError(absl::StrCat("ia3 batch: row ", i, "'s method was created for another model"));
+    if (methods[i]->model_key() != key) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ia3 batch: row ", i, "'s method was created for another model, dtype or device"));
     }
     for (const auto& [name, t] : methods[i]->targets()) widths[{name, t.feedforward}] = t.scale.size(0);
   }
@@ -209,12 +193,19 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<cons
             per_row[i] = it->second.scale;
             like = it->second.scale;
           }
+          auto& scales = feedforward ? batch->input_scales_ : batch->output_scales_;
+          bool same = true;  // every row has the same scale: keep it as [1, n]
+          for (const at::Tensor& t : per_row) same = same && t.defined() && t.is_same(per_row.front());
+          if (same) {
+            scales.emplace(name, per_row.front().unsqueeze(0));
+            continue;
+          }
           at::Tensor& one = ones[width];
           if (!one.defined()) one = at::ones({width}, like.options());
           for (at::Tensor& t : per_row) {
             if (!t.defined()) t = one;
           }
-          (feedforward ? batch->input_scales_ : batch->output_scales_).emplace(name, at::stack(per_row));
+          scales.emplace(name, at::stack(per_row));
         }
       },
       "ia3: preparing the batch"));

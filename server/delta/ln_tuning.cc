@@ -15,30 +15,10 @@
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
-#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
-
-namespace method_helpers {  // defined in lora.cc
-absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known);
-absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
-    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
-    const std::vector<model::ModuleKind>& kinds, const char* what);
-std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules);
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
-bool Exclusive(const at::Tensor& t);
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
-}  // namespace method_helpers
-
 namespace {
-
-using method_helpers::BroadcastRows;
-using method_helpers::CheckConfigKeys;
-using method_helpers::CheckRows;
-using method_helpers::Exclusive;
-using method_helpers::ResolveMethodTargets;
-using method_helpers::SortedNames;
 
 // Every layer norm.
 const std::vector<std::string> kDefaultTargets = {"re:.*"};
@@ -50,8 +30,8 @@ class LnTuningMethod : public Method {
     at::Tensor bias;  // [d]
   };
 
-  LnTuningMethod(MethodSpec spec, const model::Model* model, std::map<std::string, Target> targets)
-      : spec_(std::move(spec)), model_(model), targets_(std::move(targets)) {
+  LnTuningMethod(MethodSpec spec, std::string model_key, std::map<std::string, Target> targets)
+      : spec_(std::move(spec)), model_key_(std::move(model_key)), targets_(std::move(targets)) {
     for (const auto& [name, t] : targets_) bytes_ += t.gain.nbytes() + t.bias.nbytes();
   }
 
@@ -59,12 +39,13 @@ class LnTuningMethod : public Method {
   const MethodSpec& spec() const override { return spec_; }
   int64_t bytes() const override { return bytes_; }
 
-  const model::Model* model() const { return model_; }
+  // ModelKey of the model it was created for.
+  const std::string& model_key() const { return model_key_; }
   const std::map<std::string, Target>& targets() const { return targets_; }
 
  private:
   MethodSpec spec_;
-  const model::Model* model_;
+  std::string model_key_;
   std::map<std::string, Target> targets_;
   int64_t bytes_ = 0;
 };
@@ -137,12 +118,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateLnTuning(MethodSpec spec, const mo
   }
   DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
   canonical.config = {{"targets", SortedNames(modules)}};
-  return std::unique_ptr<Method>(new LnTuningMethod(std::move(canonical), &model, std::move(targets)));
+  return std::unique_ptr<Method>(new LnTuningMethod(std::move(canonical), ModelKey(model), std::move(targets)));
 }
 
 absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLnTuningBatch(const std::vector<const Method*>& rows,
                                                                const model::Model& model) {
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const std::string key = ModelKey(model);
   std::vector<const LnTuningMethod*> methods(rows.size(), nullptr);
   std::map<std::string, std::vector<int64_t>> module_rows;
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -152,9 +134,9 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLnTuningBatch(const std::vector
           absl::StrCat("ln_tuning batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
     }
     methods[i] = static_cast<const LnTuningMethod*>(rows[i]);
-    if (methods[i]->model() != &model) {
+    if (methods[i]->model_key() != key) {
       return absl::InvalidArgumentError(
-          absl::StrCat("ln_tuning batch: row ", i, "'s method was created for another model"));
+          absl::StrCat("ln_tuning batch: row ", i, "'s method was created for another model, dtype or device"));
     }
     for (const auto& [name, t] : methods[i]->targets()) module_rows[name].push_back(static_cast<int64_t>(i));
   }
@@ -166,6 +148,7 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLnTuningBatch(const std::vector
   const c10::Device device(model.info().device);
   DS_RETURN_IF_ERROR(TorchCallVoid(
       [&] {
+        std::map<std::vector<int64_t>, at::Tensor> row_tensors;  // one index tensor per distinct row set
         for (const auto& [name, row_ids] : module_rows) {
           LnTuningBatch::ModuleDelta d;
           std::vector<at::Tensor> gains, biases;
@@ -176,7 +159,11 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLnTuningBatch(const std::vector
           }
           d.gain = at::stack(gains);
           d.bias = at::stack(biases);
-          if (static_cast<int64_t>(row_ids.size()) != num_rows) d.rows = at::tensor(row_ids, at::kLong).to(device);
+          if (static_cast<int64_t>(row_ids.size()) != num_rows) {
+            at::Tensor& index = row_tensors[row_ids];
+            if (!index.defined()) index = IndexTensor(row_ids, device);
+            d.rows = index;
+          }
           d.eps = eps[name];
           batch->modules_.emplace(name, std::move(d));
         }

@@ -3,8 +3,9 @@
 // Batching (BGMV, as in Punica / S-LoRA): the base matmul is shared by all rows; MakeLoraBatch gathers, for each
 // targeted module, the A^T and the pre-scaled B^T of every row that carries a LoRA there into [B', in, rmax] and
 // [B', rmax, out] (zero-padded to the largest rank among those rows), so OnLinear does two batched matmuls on the
-// rows that need it (an index_select / index_add when only some rows do). When every row of a module carries the
-// same LoRA, two plain matmuls with the 2-D weights do instead.
+// rows that need it, the second accumulating into the output (baddbmm; an index_select / index_add when only some
+// rows carry one). When all those rows carry the same LoRA, its 2-D factors are used as they are (addmm).
+// The output is updated in place only when nothing else holds it (Exclusive, methods_internal.h).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -16,121 +17,25 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
-#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
-
-// Helpers shared by the delta methods of lora.cc, bitfit.cc, ln_tuning.cc and ia3.cc (declared in each of them).
-namespace method_helpers {
-
-// INVALID_ARGUMENT when spec.config is not an object or holds a key not in `known`.
-absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known) {
-  const char* kind = MethodKindName(spec.kind);
-  if (spec.config.is_null()) return absl::OkStatus();
-  if (!spec.config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec.config.dump()));
-  }
-  for (const auto& item : spec.config.items()) {
-    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
-                                                     absl::StrJoin(known, ", "), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// ResolveTargets with the method's name in the message, and a clearer one when a pattern only names modules of
-// another kind (e.g. LoRA on a layer norm). `what` describes `kinds` ("linear modules").
-absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
-    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
-    const std::vector<model::ModuleKind>& kinds, const char* what) {
-  const char* kind = MethodKindName(spec.kind);
-  absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, kinds);
-  if (resolved.ok()) {
-    if (resolved->empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": the targets match no ", what));
-    }
-    return resolved;
-  }
-  if (resolved.status().code() != absl::StatusCode::kInvalidArgument) return resolved.status();
-  for (const std::string& pattern : patterns) {
-    if (!ValidatePattern(pattern).ok()) continue;
-    bool right_kind = false;
-    const model::ModuleInfo* other = nullptr;
-    for (const model::ModuleInfo& m : model.modules()) {
-      if (!PatternMatches(pattern, m.name)) continue;
-      if (std::find(kinds.begin(), kinds.end(), m.kind) != kinds.end()) {
-        right_kind = true;
-        break;
-      }
-      if (other == nullptr) other = &m;
-    }
-    if (!right_kind && other != nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": target \"", pattern, "\" matches ",
-                                                     model::ModuleKindName(other->kind), " module \"", other->name,
-                                                     "\"; ", kind, " applies to ", what, " only"));
-    }
-  }
-  return absl::InvalidArgumentError(absl::StrCat(kind, ": ", resolved.status().message()));
-}
-
-// The sorted, de-duplicated names of `modules`.
-std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules) {
-  std::set<std::string> names;
-  for (const model::ModuleInfo* m : modules) names.insert(m->name);
-  return std::vector<std::string>(names.begin(), names.end());
-}
-
-// The row count of a hook's tensor, checked against the batch (a mismatch is a caller bug: it throws, and the
-// model's forward turns the throw into an INTERNAL status).
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind) {
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == rows, kind, " batch of ", rows, " rows got a tensor of shape ",
-              t.sizes(), " at ", module.name);
-}
-
-// True when nothing but `*t` can observe its values (the tensor and its storage are referenced once, e.g. a fresh
-// linear output) and it is contiguous: then changing it in place is the same as assigning a new tensor, and saves
-// allocating (and, on CPUs, page-faulting) a new activation-sized buffer. A slice of a fused projection shares its
-// storage, so it is never modified in place.
-bool Exclusive(const at::Tensor& t) {
-  return t.use_count() == 1 && t.storage().use_count() == 1 && t.is_contiguous();
-}
-
-// `v` ([B, n]) viewed so that it broadcasts against `like` ([B, ..., n]).
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like) {
-  std::vector<int64_t> shape(like.dim(), 1);
-  shape.front() = v.size(0);
-  shape.back() = v.size(1);
-  return v.view(shape);
-}
-
-}  // namespace method_helpers
-
 namespace {
-
-using method_helpers::CheckConfigKeys;
-using method_helpers::CheckRows;
-using method_helpers::Exclusive;
-using method_helpers::ResolveMethodTargets;
-using method_helpers::SortedNames;
 
 const std::vector<std::string> kDefaultTargets = {"query", "value"};
 
 class LoraMethod : public Method {
  public:
   struct Target {
-    const model::ModuleInfo* module = nullptr;
     at::Tensor a_t;  // [in, r] on the model's device and dtype
     at::Tensor b_t;  // [r, out], scaled by alpha / rank
   };
 
-  LoraMethod(MethodSpec spec, const model::Model* model, int64_t rank, std::map<std::string, Target> targets)
-      : spec_(std::move(spec)), model_(model), rank_(rank), targets_(std::move(targets)) {
+  LoraMethod(MethodSpec spec, std::string model_key, int64_t rank, std::map<std::string, Target> targets)
+      : spec_(std::move(spec)), model_key_(std::move(model_key)), rank_(rank), targets_(std::move(targets)) {
     for (const auto& [name, t] : targets_) bytes_ += t.a_t.nbytes() + t.b_t.nbytes();
   }
 
@@ -138,13 +43,14 @@ class LoraMethod : public Method {
   const MethodSpec& spec() const override { return spec_; }
   int64_t bytes() const override { return bytes_; }
 
-  const model::Model* model() const { return model_; }
+  // ModelKey of the model it was created for.
+  const std::string& model_key() const { return model_key_; }
   int64_t rank() const { return rank_; }
   const std::map<std::string, Target>& targets() const { return targets_; }
 
  private:
   MethodSpec spec_;
-  const model::Model* model_ = nullptr;
+  std::string model_key_;
   int64_t rank_ = 0;
   int64_t bytes_ = 0;
   std::map<std::string, Target> targets_;
@@ -154,8 +60,8 @@ class LoraBatch : public MethodBatch {
  public:
   struct ModuleDelta {
     at::Tensor rows;  // [B'] int64: the rows that carry a LoRA here; undefined when all do
-    at::Tensor a;     // [B', in, rmax] or, for one LoRA shared by all rows, [in, r]
-    at::Tensor b;     // [B', rmax, out] or [r, out]
+    at::Tensor a;     // [B', in, rmax], or [in, r] when those rows all carry the same LoRA (`shared`)
+    at::Tensor b;     // [B', rmax, out] or [r, out], scaled by alpha / rank
     bool shared = false;
   };
 
@@ -169,7 +75,7 @@ class LoraBatch : public MethodBatch {
     CheckRows(*output, num_rows_, module, "lora");
     const int64_t in = input.size(-1), out = output->size(-1);
     const bool in_place = Exclusive(*output);
-    if (d.shared) {
+    if (d.shared && !d.rows.defined()) {
       // One LoRA on every row: output + (x A^T) (s B)^T as one addmm on the flattened rows.
       const at::Tensor xa = at::mm(input.reshape({-1, in}), d.a);  // [M, r]
       if (in_place) {
@@ -191,7 +97,8 @@ class LoraBatch : public MethodBatch {
       return;
     }
     // Some rows: gather them, two batched matmuls, scatter-add back.
-    const at::Tensor delta = at::bmm(at::bmm(x.index_select(0, d.rows), d.a), d.b);  // [B', N, out]
+    x = x.index_select(0, d.rows);
+    const at::Tensor delta = d.shared ? at::matmul(at::matmul(x, d.a), d.b) : at::bmm(at::bmm(x, d.a), d.b);
     if (in_place) {
       output->view({num_rows_, -1, out}).index_add_(0, d.rows, delta);
     } else {
@@ -232,7 +139,6 @@ absl::StatusOr<std::unique_ptr<Method>> CreateLora(MethodSpec spec, const model:
     DS_ASSIGN_OR_RETURN(at::Tensor b_t_cpu,
                         TorchCall([&] { return b.t().mul(scaling).contiguous(); }, "lora: scaled B^T"));
     LoraMethod::Target target;
-    target.module = m;
     DS_ASSIGN_OR_RETURN(target.a_t, ToModelDevice(a_t_cpu, model));
     DS_ASSIGN_OR_RETURN(target.b_t, ToModelDevice(b_t_cpu, model));
     targets[m->name] = std::move(target);
@@ -241,12 +147,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateLora(MethodSpec spec, const model:
   }
   DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
   canonical.config = {{"rank", rank}, {"alpha", alpha}, {"targets", SortedNames(modules)}};
-  return std::unique_ptr<Method>(new LoraMethod(std::move(canonical), &model, rank, std::move(targets)));
+  return std::unique_ptr<Method>(new LoraMethod(std::move(canonical), ModelKey(model), rank, std::move(targets)));
 }
 
 absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLoraBatch(const std::vector<const Method*>& rows,
                                                            const model::Model& model) {
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const std::string key = ModelKey(model);
   std::vector<const LoraMethod*> loras(rows.size(), nullptr);
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i] == nullptr) continue;
@@ -255,11 +162,12 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLoraBatch(const std::vector<con
           absl::StrCat("lora batch: row ", i, " carries a ", MethodKindName(rows[i]->kind()), " method"));
     }
     loras[i] = static_cast<const LoraMethod*>(rows[i]);
-    if (loras[i]->model() != &model) {
-      return absl::InvalidArgumentError(absl::StrCat("lora batch: row ", i, "'s method was created for another model"));
+    if (loras[i]->model_key() != key) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("lora batch: row ", i, "'s method was created for another model, dtype or device"));
     }
   }
-  // The rows of each targeted module, in the model's module order.
+  // The rows of each targeted module.
   std::map<std::string, std::vector<int64_t>> module_rows;
   for (int64_t i = 0; i < num_rows; ++i) {
     if (loras[i] == nullptr) continue;
@@ -269,16 +177,21 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLoraBatch(const std::vector<con
   const c10::Device device(model.info().device);
   DS_RETURN_IF_ERROR(TorchCallVoid(
       [&] {
+        std::map<std::vector<int64_t>, at::Tensor> row_tensors;  // one index tensor per distinct row set
         for (const auto& [name, row_ids] : module_rows) {
           LoraBatch::ModuleDelta d;
-          const bool all_rows = static_cast<int64_t>(row_ids.size()) == num_rows;
+          if (static_cast<int64_t>(row_ids.size()) != num_rows) {
+            at::Tensor& index = row_tensors[row_ids];
+            if (!index.defined()) index = IndexTensor(row_ids, device);
+            d.rows = index;
+          }
           bool one_lora = true;
           int64_t rmax = 0;
           for (int64_t r : row_ids) {
             one_lora = one_lora && loras[r] == loras[row_ids.front()];
             rmax = std::max(rmax, loras[r]->rank());
           }
-          if (all_rows && one_lora) {
+          if (one_lora) {
             const LoraMethod::Target& t = loras[row_ids.front()]->targets().at(name);
             d.shared = true;
             d.a = t.a_t;
@@ -304,9 +217,6 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLoraBatch(const std::vector<con
           }
           d.a = at::stack(as);
           d.b = at::stack(bs);
-          if (!all_rows) {
-            d.rows = at::tensor(row_ids, at::kLong).to(device);
-          }
           batch->modules_.emplace(name, std::move(d));
         }
       },

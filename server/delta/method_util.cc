@@ -1,5 +1,7 @@
+#include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
 
+#include <algorithm>
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
@@ -7,6 +9,7 @@
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
+#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
@@ -103,6 +106,87 @@ absl::StatusOr<std::string> ConfigString(const MethodSpec& spec, const char* key
         absl::StrCat(MethodKindName(spec.kind), ": \"", key, "\" must be a string, got ", it->dump()));
   }
   return it->get<std::string>();
+}
+
+absl::Status CheckConfigKeys(const MethodSpec& spec, const std::vector<std::string>& known) {
+  const char* kind = MethodKindName(spec.kind);
+  if (spec.config.is_null()) return absl::OkStatus();
+  if (!spec.config.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec.config.dump()));
+  }
+  for (const auto& item : spec.config.items()) {
+    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
+                                                     absl::StrJoin(known, ", "), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveMethodTargets(
+    const MethodSpec& spec, const std::vector<std::string>& patterns, const model::Model& model,
+    const std::vector<model::ModuleKind>& kinds, const char* what) {
+  const char* kind = MethodKindName(spec.kind);
+  absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved = ResolveTargets(patterns, model, kinds);
+  if (resolved.ok()) {
+    if (resolved->empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(kind, ": the targets match no ", what));
+    }
+    return resolved;
+  }
+  if (resolved.status().code() != absl::StatusCode::kInvalidArgument) return resolved.status();
+  for (const std::string& pattern : patterns) {
+    if (!ValidatePattern(pattern).ok()) continue;
+    bool right_kind = false;
+    const model::ModuleInfo* other = nullptr;
+    for (const model::ModuleInfo& m : model.modules()) {
+      if (!PatternMatches(pattern, m.name)) continue;
+      if (std::find(kinds.begin(), kinds.end(), m.kind) != kinds.end()) {
+        right_kind = true;
+        break;
+      }
+      if (other == nullptr) other = &m;
+    }
+    if (!right_kind && other != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(kind, ": target \"", pattern, "\" matches ",
+                                                     model::ModuleKindName(other->kind), " module \"", other->name,
+                                                     "\"; ", kind, " applies to ", what, " only"));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(kind, ": ", resolved.status().message()));
+}
+
+std::vector<std::string> SortedNames(const std::vector<const model::ModuleInfo*>& modules) {
+  std::set<std::string> names;
+  for (const model::ModuleInfo* m : modules) names.insert(m->name);
+  return std::vector<std::string>(names.begin(), names.end());
+}
+
+std::string ModelKey(const model::Model& model) {
+  const model::ModelInfo& info = model.info();
+  return absl::StrCat(info.fingerprint, "|", info.dtype, "|", info.device);
+}
+
+at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t.to(device);
+}
+
+void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) == rows, kind, " batch of ", rows, " rows got a tensor of shape ",
+              t.sizes(), " at ", module.name);
+}
+
+bool Exclusive(const at::Tensor& t) {
+  return t.use_count() == 1 && t.storage().use_count() == 1 && t.is_contiguous();
+}
+
+at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape.front() = v.size(0);
+  shape.back() = v.size(1);
+  return v.view(shape);
 }
 
 std::vector<RowGroup> GroupRows(const std::vector<const Method*>& rows) {

@@ -63,6 +63,17 @@ size_t EditDistance(absl::string_view a, absl::string_view b) {
   return prev[b.size()];
 }
 
+// The last `k` dotted components of `name` (all of it when it has no more than k).
+absl::string_view LastComponents(absl::string_view name, size_t k) {
+  size_t start = name.size();
+  for (size_t seen = 0; seen < k; ++seen) {
+    const size_t dot = start == 0 ? absl::string_view::npos : name.rfind('.', start - 1);
+    if (dot == absl::string_view::npos) return name;
+    start = dot;
+  }
+  return name.substr(start + 1);
+}
+
 std::string KindsString(const std::vector<model::ModuleKind>& kinds) {
   return absl::StrJoin(kinds, "/",
                        [](std::string* out, model::ModuleKind k) { absl::StrAppend(out, model::ModuleKindName(k)); });
@@ -138,11 +149,18 @@ absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveTargets(const std::
 std::vector<std::string> ClosestModuleNames(absl::string_view name, const model::Model& model,
                                             const std::vector<model::ModuleKind>& kinds, int n) {
   if (IsRegex(name)) name.remove_prefix(kRegexPrefix.size());
+  // A pattern of k dotted components is compared with the full name and with the name's last k components (the
+  // dotted suffix it would match), so that a short typo ("querry") finds the modules it was meant to suffix.
+  const size_t components = static_cast<size_t>(std::count(name.begin(), name.end(), '.')) + 1;
   std::vector<std::pair<size_t, size_t>> scored;  // (distance, module index)
   const std::vector<model::ModuleInfo>& modules = model.modules();
   for (size_t i = 0; i < modules.size(); ++i) {
     if (!KindIn(modules[i].kind, kinds)) continue;
-    scored.emplace_back(EditDistance(name, modules[i].name), i);
+    const absl::string_view full = modules[i].name;
+    size_t distance = EditDistance(name, full);
+    const absl::string_view suffix = LastComponents(full, components);
+    if (suffix.size() < full.size()) distance = std::min(distance, EditDistance(name, suffix));
+    scored.emplace_back(distance, i);
   }
   std::stable_sort(scored.begin(), scored.end());
   std::vector<std::string> out;

@@ -33,7 +33,8 @@ absl::StatusOr<std::vector<const model::ModuleInfo*>> ResolveTargets(const std::
                                                                      const model::Model& model,
                                                                      const std::vector<model::ModuleKind>& kinds);
 
-// Up to `n` module names of `model` (of `kinds`) closest to `name` by edit distance, best first.
+// Up to `n` module names of `model` (of `kinds`) closest to `name`, best first: each name scores the smaller edit
+// distance of its full name and of its last k dotted parts (k = parts of `name`), so "querry" finds "...query".
 std::vector<std::string> ClosestModuleNames(absl::string_view name, const model::Model& model,
                                             const std::vector<model::ModuleKind>& kinds, int n = 5);
 

@@ -8,7 +8,6 @@
 // attention is exactly the base model's).
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -22,38 +21,15 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
-#include "server/delta/module_patterns.h"
 
 namespace deltaserve {
 namespace delta {
 namespace {
 
-std::string ModelKey(const model::Model& model) {
-  const model::ModelInfo& info = model.info();
-  return absl::StrCat(info.fingerprint, "|", info.dtype, "|", info.device);
-}
-
 // One prefix on one attention module, on the model's device in its compute dtype.
-// INVALID_ARGUMENT when spec.config is not an object (null is an empty one) or holds a key not in `known`.
-absl::Status CheckConfigKeys(MethodSpec* spec, const std::vector<std::string>& known) {
-  const char* kind = MethodKindName(spec->kind);
-  if (spec->config.is_null()) spec->config = nlohmann::json::object();
-  if (!spec->config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec->config.dump()));
-  }
-  for (const auto& item : spec->config.items()) {
-    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
-                                                     absl::StrJoin(known, ", "), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 struct PrefixModule {
   int64_t num_heads = 0;
   int64_t head_dim = 0;
@@ -105,18 +81,12 @@ class PrefixBatch : public MethodBatch {
   std::unordered_map<std::string, AttentionPlan> plans_;
 };
 
-at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
-  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
-  return t.to(device);
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Method>> CreatePrefix(MethodSpec spec, const model::Model& model,
                                                      const MethodLimits& limits) {
   spec.kind = MethodKind::kPrefix;
-  DS_RETURN_IF_ERROR(CheckConfigKeys(&spec, {"num_virtual_tokens", "targets"}));
+  DS_RETURN_IF_ERROR(CheckConfigKeys(spec, {"num_virtual_tokens", "targets"}));
   DS_ASSIGN_OR_RETURN(const int64_t p,
                       ConfigPositiveInt(spec, "num_virtual_tokens", limits.max_virtual_tokens, /*fallback=*/-1));
   std::vector<std::string> defaults;
@@ -124,17 +94,16 @@ absl::StatusOr<std::unique_ptr<Method>> CreatePrefix(MethodSpec spec, const mode
     if (m.kind == model::ModuleKind::kAttention) defaults.push_back(m.name);
   }
   DS_ASSIGN_OR_RETURN(std::vector<std::string> patterns, TargetPatterns(spec, defaults));
-  absl::StatusOr<std::vector<const model::ModuleInfo*>> resolved =
-      ResolveTargets(patterns, model, {model::ModuleKind::kAttention});
-  if (!resolved.ok()) return absl::InvalidArgumentError(absl::StrCat("prefix: ", resolved.status().message()));
+  DS_ASSIGN_OR_RETURN(std::vector<const model::ModuleInfo*> attentions,
+                      ResolveMethodTargets(spec, patterns, model, {model::ModuleKind::kAttention},
+                                           "attention modules"));
 
   auto method = std::make_unique<PrefixMethod>();
   method->num_virtual_tokens_ = p;
   method->model_key_ = ModelKey(model);
   std::set<std::string> used;
   std::map<std::string, at::Tensor> canonical;
-  std::vector<std::string> names;
-  for (const model::ModuleInfo* attention : *resolved) {
+  for (const model::ModuleInfo* attention : attentions) {
     const int64_t nh = attention->num_heads, dh = attention->head_dim;
     if (nh <= 0 || dh <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("prefix: attention ", attention->name, " has no head layout"));
@@ -155,12 +124,10 @@ absl::StatusOr<std::unique_ptr<Method>> CreatePrefix(MethodSpec spec, const mode
       (std::string(which) == "prefix_keys" ? m.keys : m.values) = placed;
     }
     method->modules_[attention->name] = std::move(m);
-    names.push_back(attention->name);
   }
   DS_RETURN_IF_ERROR(CheckNoUnexpectedTensors(spec, used));
-  std::sort(names.begin(), names.end());
   spec.config["num_virtual_tokens"] = p;
-  spec.config["targets"] = names;
+  spec.config["targets"] = SortedNames(attentions);
   spec.tensors = std::move(canonical);
   method->spec_ = std::move(spec);
   return std::unique_ptr<Method>(std::move(method));

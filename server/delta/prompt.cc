@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/delta/methods_internal.h"
@@ -30,27 +29,6 @@ namespace {
 
 constexpr const char* kEmbeddingModule = "embeddings.word_embeddings";
 constexpr const char* kTensorName = "prompt_embeddings";
-
-std::string ModelKey(const model::Model& model) {
-  const model::ModelInfo& info = model.info();
-  return absl::StrCat(info.fingerprint, "|", info.dtype, "|", info.device);
-}
-
-// INVALID_ARGUMENT when spec.config is not an object (null is an empty one) or holds a key not in `known`.
-absl::Status CheckConfigKeys(MethodSpec* spec, const std::vector<std::string>& known) {
-  const char* kind = MethodKindName(spec->kind);
-  if (spec->config.is_null()) spec->config = nlohmann::json::object();
-  if (!spec->config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(kind, ": config must be a JSON object, got ", spec->config.dump()));
-  }
-  for (const auto& item : spec->config.items()) {
-    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(kind, ": unknown config key \"", item.key(), "\" (known: ",
-                                                     absl::StrJoin(known, ", "), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 class PromptMethod : public Method {
  public:
@@ -129,7 +107,7 @@ class PromptBatch : public MethodBatch {
 absl::StatusOr<std::unique_ptr<Method>> CreatePrompt(MethodSpec spec, const model::Model& model,
                                                      const MethodLimits& limits) {
   spec.kind = MethodKind::kPrompt;
-  DS_RETURN_IF_ERROR(CheckConfigKeys(&spec, {"num_virtual_tokens"}));
+  DS_RETURN_IF_ERROR(CheckConfigKeys(spec, {"num_virtual_tokens"}));
   DS_ASSIGN_OR_RETURN(const int64_t p,
                       ConfigPositiveInt(spec, "num_virtual_tokens", limits.max_virtual_tokens, /*fallback=*/-1));
   if (p >= model.info().max_sequence_length) {

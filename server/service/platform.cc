@@ -1,6 +1,7 @@
 #include "server/service/platform.h"
 
 #include <ATen/Parallel.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -71,6 +72,11 @@ std::string LoadedBlas() {
     return name;
   }
   return "none";
+}
+
+void ConfigureAllocator() {
+  ::mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  ::mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
 int SetIntraOpThreads(int threads) {

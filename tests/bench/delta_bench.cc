@@ -253,6 +253,7 @@ void MergeLora(const ds::model::Model& model, const ds::delta::Method& lora, dou
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   Check(ds::SelectBlas(absl::GetFlag(FLAGS_blas), argv), "--blas");
+  ds::ConfigureAllocator();
   const int threads = ds::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
   const double secs = absl::GetFlag(FLAGS_seconds);
   const int64_t len = absl::GetFlag(FLAGS_seq_len);

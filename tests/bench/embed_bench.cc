@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
     return 2;
   }
+  deltaserve::ConfigureAllocator();
   const int threads = deltaserve::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
   const std::vector<std::string> sentences = LoadSentences(absl::GetFlag(FLAGS_sentences));
   std::vector<int> batches;

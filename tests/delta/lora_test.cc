@@ -239,6 +239,60 @@ TEST(LoraTest, CanonicalSpecResolvesTargetsAndFillsDefaults) {
   EXPECT_EQ(again->spec().config, config);
 }
 
+TEST(LoraTest, NeverChangesATensorSomethingElseHolds) {
+  // OnLinear may update a linear's fresh output in place, but never one another handle or a fused q/k/v
+  // projection shares: those get a new tensor.
+  c10::InferenceMode guard;
+  auto model = TinyBert();
+  ASSERT_TRUE(model);
+  const std::string q = "encoder.layer.0.attention.self.query";
+  const model::ModuleInfo* module = nullptr;
+  for (const model::ModuleInfo& m : model->modules()) {
+    if (m.name == q) module = &m;
+  }
+  ASSERT_NE(module, nullptr);
+  const std::vector<std::string> targets = {q};
+  auto m0 = Create(RandomLora(*model, &targets, 4, 8, 51), *model);
+  auto m1 = Create(RandomLora(*model, &targets, 2, 8, 52), *model);
+  ASSERT_TRUE(m0 && m1);
+  auto expected_delta = [&](const Method* m, const at::Tensor& x) {  // x: [T, 32]
+    if (m == nullptr) return at::zeros({x.size(0), 32});
+    const at::Tensor a = m->spec().tensors.at(q + ".lora_A"), b = m->spec().tensors.at(q + ".lora_B");
+    const double s = m->spec().config["alpha"].get<double>() / m->spec().config["rank"].get<double>();
+    return at::matmul(at::matmul(x, a.t()), b.t()).mul(s);
+  };
+  // One LoRA on every row; different LoRAs on every row; one LoRA on some rows; different ones on some rows.
+  const std::vector<std::vector<const Method*>> cases = {{m0.get(), m0.get(), m0.get()},
+                                                         {m0.get(), m1.get(), m0.get()},
+                                                         {nullptr, m1.get(), nullptr},
+                                                         {m0.get(), nullptr, m1.get()}};
+  for (const auto& rows : cases) {
+    auto batch = Batch(rows, *model);
+    ASSERT_TRUE(batch);
+    const at::Tensor input = RandomTensor({3, 5, 32}, 1.0, 53);
+    const at::Tensor before = RandomTensor({3, 5, 32}, 1.0, 54);
+    at::Tensor want = before.clone();
+    for (int i = 0; i < 3; ++i) want[i].add_(expected_delta(rows[i], input[i]));
+    // Exclusive: updated (in place or not), right values.
+    at::Tensor fresh = before.clone();
+    batch->OnLinear(*module, input, &fresh);
+    EXPECT_LE((fresh - want).abs().max().item<double>(), 1e-5);
+    // Another handle on the same tensor: that handle keeps the old values.
+    at::Tensor shared = before.clone();
+    const at::Tensor other = shared;
+    batch->OnLinear(*module, input, &shared);
+    EXPECT_LE((shared - want).abs().max().item<double>(), 1e-5);
+    EXPECT_TRUE(at::equal(other, before));
+    // A slice of a fused projection: the fused tensor keeps its values.
+    const at::Tensor qkv = at::cat({before, before, before}, -1);
+    const at::Tensor qkv_before = qkv.clone();
+    at::Tensor slice = qkv.narrow(-1, 32, 32);
+    batch->OnLinear(*module, input, &slice);
+    EXPECT_LE((slice - want).abs().max().item<double>(), 1e-5);
+    EXPECT_TRUE(at::equal(qkv, qkv_before));
+  }
+}
+
 absl::Status CreateStatus(MethodSpec spec, const model::Model& model, const MethodLimits& limits = {}) {
   return CreateMethod(std::move(spec), model, limits).status();
 }

@@ -140,6 +140,27 @@ TEST_F(ResolveTargetsTest, ClosestModuleNames) {
   EXPECT_TRUE(ClosestModuleNames("x", *model_, {ModuleKind::kLinear}, 0).empty());
 }
 
+TEST_F(ResolveTargetsTest, ClosestModuleNamesComparesShortPatternsWithSuffixes) {
+  // "querry" is far from every full name but one edit from the last component of each query: those come first,
+  // in module order.
+  auto one = ClosestModuleNames("querry", *model_, {ModuleKind::kLinear}, 2);
+  EXPECT_THAT(one, ElementsAre("encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"));
+  // Three components are compared with the last three.
+  auto three = ClosestModuleNames("attention.self.qurey", *model_, {ModuleKind::kLinear}, 2);
+  EXPECT_THAT(three, ElementsAre("encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"));
+  auto two = ClosestModuleNames("outptu.dense", *model_, {ModuleKind::kLinear}, 4);
+  EXPECT_THAT(two, ElementsAre("encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense",
+                               "encoder.layer.1.attention.output.dense", "encoder.layer.1.output.dense"));
+  // The full name still counts: a pattern longer than a name is compared with all of it.
+  auto full = ClosestModuleNames("encoder.layer.1.attention.self.vaule", *model_, {ModuleKind::kLinear}, 1);
+  EXPECT_THAT(full, ElementsAre("encoder.layer.1.attention.self.value"));
+  // And the suggestions reach ResolveTargets' message.
+  auto r = ResolveTargets({"querry"}, *model_, {ModuleKind::kLinear});
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("closest: encoder.layer.0.attention.self.query, "
+                                              "encoder.layer.1.attention.self.query"));
+}
+
 }  // namespace
 }  // namespace delta
 }  // namespace deltaserve

@@ -325,7 +325,7 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
       model->parameters_[infos[i]->name + ".weight"] = L.qkv_w.narrow(0, i * d, d);
       model->parameters_[infos[i]->name + ".bias"] = L.qkv_b.narrow(0, i * d, d);
     }
-    L.attention = MakeModule(p + "attention", ModuleKind::kAttention, l, d, d, false);
+    L.attention = MakeModule(p + "attention.self", ModuleKind::kAttention, l, d, d, false);
     L.attention.num_heads = L.num_heads;
     L.attention.head_dim = L.head_dim;
     model->modules_.push_back(L.attention);
