@@ -313,6 +313,9 @@ absl::StatusOr<std::shared_ptr<const DeltaPack>> DeltaPack::FromContents(PackCon
     DS_ASSIGN_OR_RETURN(std::unique_ptr<Method> method, CreateMethod(std::move(spec), model, limits.methods));
     canonical.methods.push_back(method->spec());
     pack->bytes_ += method->bytes();
+    if (method->kind() == MethodKind::kPrompt) {
+      pack->added_tokens_ = method->spec().config.value("num_virtual_tokens", int64_t{0});
+    }
     pack->methods_.push_back(std::move(method));
   }
   if (contents.head.has_value()) {

@@ -92,6 +92,9 @@ class DeltaPack {
   int64_t bytes() const { return bytes_; }
   // The canonical bytes' length.
   int64_t serialized_bytes() const { return serialized_bytes_; }
+  // Positions the pack adds to every row's sequence (prompt tuning's soft tokens); 0 for most packs. The batch
+  // planner counts them, so that rows with prompts are not padded together with rows without.
+  int64_t added_tokens() const { return added_tokens_; }
 
  private:
   DeltaPack() = default;
@@ -101,6 +104,7 @@ class DeltaPack {
   std::unique_ptr<Head> head_;
   int64_t bytes_ = 0;
   int64_t serialized_bytes_ = 0;
+  int64_t added_tokens_ = 0;
 };
 
 }  // namespace delta

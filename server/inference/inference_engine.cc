@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
+#include "server/batching/batch_plan.h"
 #include "server/delta/delta_batch.h"
 
 namespace deltaserve {
@@ -231,34 +232,22 @@ absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest
 }
 
 absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows) {
-  // Rows of very different lengths waste compute on padding: run them as length-sorted sub-batches whose padded
-  // tokens stay within max_padding_ratio of their real tokens.
-  const double ratio = options_.max_padding_ratio;
-  int64_t longest = 0, real = 0;
-  for (const auto& row : rows) {
-    longest = std::max<int64_t>(longest, row.input->ids.size());
-    real += static_cast<int64_t>(row.input->ids.size());
+  // Rows of very different (effective) lengths waste compute on padding: run them as length-sorted passes whose
+  // padded tokens stay within max_padding_ratio of their real ones.
+  std::vector<int64_t> lengths(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const batching::RowInput& input = *rows[i].input;
+    lengths[i] = static_cast<int64_t>(input.ids.size()) + (input.delta ? input.delta->added_tokens() : 0);
   }
-  if (ratio <= 0 || static_cast<double>(longest) * static_cast<double>(rows.size()) <= ratio * real) {
-    return RunForward(rows);
+  const std::vector<std::vector<size_t>> passes = batching::PlanForwardPasses(lengths, options_.max_padding_ratio);
+  if (passes.size() == 1 && passes[0].size() == rows.size()) return RunForward(rows);
+  for (const std::vector<size_t>& pass : passes) {
+    std::vector<batching::BatchRow> subset;
+    subset.reserve(pass.size());
+    for (size_t index : pass) subset.push_back(rows[index]);
+    DS_RETURN_IF_ERROR(RunForward(subset));
   }
-  std::vector<batching::BatchRow> sorted(rows.begin(), rows.end());
-  std::stable_sort(sorted.begin(), sorted.end(), [](const batching::BatchRow& a, const batching::BatchRow& b) {
-    return a.input->ids.size() < b.input->ids.size();
-  });
-  size_t start = 0;
-  int64_t chunk_real = 0;
-  for (size_t i = 0; i < sorted.size(); ++i) {
-    const int64_t len = static_cast<int64_t>(sorted[i].input->ids.size());
-    const size_t n = i - start;
-    if (n > 0 && static_cast<double>(len) * static_cast<double>(n + 1) > ratio * (chunk_real + len)) {
-      DS_RETURN_IF_ERROR(RunForward(absl::MakeConstSpan(sorted).subspan(start, n)));
-      start = i;
-      chunk_real = 0;
-    }
-    chunk_real += len;
-  }
-  return RunForward(absl::MakeConstSpan(sorted).subspan(start));
+  return absl::OkStatus();
 }
 
 absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> rows) {

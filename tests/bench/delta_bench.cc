@@ -14,9 +14,11 @@
 // Timings alternate between the paths so that machine noise hits both alike. "bert-base" is a BERT-base-sized
 // model (768 hidden, 12 layers, 12 heads, FFN 3072) with random weights, written once to --bert_base_dir.
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/InferenceMode.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -27,8 +29,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "server/batching/batch_plan.h"
 #include "server/delta/delta_batch.h"
 #include "server/delta/delta_pack.h"
 #include "server/model/model_loader.h"
@@ -43,6 +47,8 @@ ABSL_FLAG(int, seq_len, 32, "Tokens per row.");
 ABSL_FLAG(double, seconds, 2, "Measuring time per path and point.");
 ABSL_FLAG(std::string, blas, "openblas", "openblas, blis, reference or system.");
 ABSL_FLAG(int, threads, 0, "Intra-op threads (0 = every core).");
+ABSL_FLAG(double, max_padding_ratio, 1.5, "The server's length-split threshold (--max_padding_ratio).");
+ABSL_FLAG(bool, per_method, true, "Also measure each method alone (every row a different pack of that kind).");
 
 namespace ds = ::deltaserve;
 using ds::delta::MethodKind;
@@ -50,6 +56,47 @@ using ds::delta::MethodSpec;
 using ds::delta::PackContents;
 
 namespace {
+
+// Counts the bytes LibTorch's CPU allocator hands out, to report the peak activation memory of one forward.
+class TrackingAllocator final : public c10::Allocator {
+ public:
+  explicit TrackingAllocator(c10::Allocator* base) : base_(base) {}
+  c10::DataPtr allocate(size_t n) const override {
+    c10::DataPtr inner = base_->allocate(n);
+    auto* ctx = new Context{std::move(inner), n, this};
+    const int64_t now = current_.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n);
+    int64_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
+    void* data = ctx->inner.get();
+    const c10::Device device = ctx->inner.device();
+    return c10::DataPtr(data, ctx, &Delete, device);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  // Starts a new peak measurement; returns the bytes in use now.
+  int64_t ResetPeak() {
+    peak_ = current_.load();
+    return peak_;
+  }
+  int64_t peak() const { return peak_.load(); }
+
+ private:
+  struct Context {
+    c10::DataPtr inner;
+    size_t n;
+    const TrackingAllocator* self;
+  };
+  static void Delete(void* p) {
+    auto* ctx = static_cast<Context*>(p);
+    ctx->self->current_.fetch_sub(static_cast<int64_t>(ctx->n));
+    delete ctx;
+  }
+  c10::Allocator* base_;
+  mutable std::atomic<int64_t> current_{0};
+  mutable std::atomic<int64_t> peak_{0};
+};
+
+TrackingAllocator* g_tracker = nullptr;
 
 bool Exists(const std::string& p) {
   struct stat st;
@@ -220,20 +267,13 @@ double Rate(double seconds, F&& fn) {
   return n / absl::ToDoubleSeconds(absl::Now() - start);
 }
 
-int64_t PeakRssKb() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (absl::StartsWith(line, "VmHWM:")) {
-      int64_t kb = 0;
-      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kb);
-      return kb;
-    }
-  }
-  return 0;
+// Peak bytes LibTorch allocated while `fn` ran, above what was in use before.
+template <typename F>
+double PeakActivationMb(F&& fn) {
+  const int64_t before = g_tracker->ResetPeak();
+  fn();
+  return (g_tracker->peak() - before) / 1048576.0;
 }
-
-void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // Adds (sign=+1) or removes (-1) a LoRA into the model's weights in place: the naive way's merge / unmerge.
 void MergeLora(const ds::model::Model& model, const ds::delta::Method& lora, double sign) {
@@ -254,6 +294,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   Check(ds::SelectBlas(absl::GetFlag(FLAGS_blas), argv), "--blas");
   ds::ConfigureAllocator();
+  g_tracker = new TrackingAllocator(c10::GetCPUAllocator());
+  c10::SetCPUAllocator(g_tracker, /*priority=*/100);
   const int threads = ds::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
   const double secs = absl::GetFlag(FLAGS_seconds);
   const int64_t len = absl::GetFlag(FLAGS_seq_len);
@@ -265,7 +307,7 @@ int main(int argc, char** argv) {
   std::printf("# delta_bench: BLAS %s, %d threads, %lld tokens per row, %.1f s per path and point\n\n",
               ds::LoadedBlas().c_str(), threads, static_cast<long long>(len), secs);
   std::printf("| model | batch | base rows/s | P1 mixed LoRA rows/s | P1 ratio | P2 naive rows/s | P2 mixed / naive | "
-              "P3 all-methods rows/s | P3 ratio | peak RSS base / mixed (MB) |\n"
+              "P3 all-methods rows/s | P3 ratio | peak activation MB base / P1 / P3 |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     const std::string dir =
@@ -301,10 +343,26 @@ int main(int argc, char** argv) {
         mixed_rows.push_back(mixed_packs.back().get());
       }
       auto run_base = [&] { Check(model.Forward(input, nullptr).status(), "base"); };
+      // As the server runs a batch: planned into length-sorted passes (prompt tokens count), each one forward
+      // with every row's pack.
       auto run_rows = [&](const std::vector<const ds::delta::DeltaPack*>& rows) {
-        auto hooks = ds::delta::DeltaBatch::Create(rows, model);
-        Check(hooks.status(), "DeltaBatch");
-        Check(model.Forward(input, hooks->get()).status(), "mixed");
+        std::vector<int64_t> lengths;
+        for (const auto* pack : rows) lengths.push_back(len + (pack ? pack->added_tokens() : 0));
+        for (const auto& pass : ds::batching::PlanForwardPasses(lengths, absl::GetFlag(FLAGS_max_padding_ratio))) {
+          std::vector<const ds::delta::DeltaPack*> pass_rows;
+          std::vector<int64_t> index;
+          for (size_t i : pass) {
+            pass_rows.push_back(rows[i]);
+            index.push_back(static_cast<int64_t>(i));
+          }
+          const bool all = pass.size() == rows.size();
+          const at::Tensor idx = at::tensor(index, at::kLong);
+          ds::model::ForwardInput sub{all ? input.input_ids : input.input_ids.index_select(0, idx),
+                                      all ? input.attention_mask : input.attention_mask.index_select(0, idx)};
+          auto hooks = ds::delta::DeltaBatch::Create(pass_rows, model);
+          Check(hooks.status(), "DeltaBatch");
+          Check(model.Forward(sub, hooks->get()).status(), "mixed");
+        }
       };
       auto run_naive = [&] {
         for (int i = 0; i < batch; ++i) {  // one task per row: merge, run its row, unmerge
@@ -323,18 +381,35 @@ int main(int argc, char** argv) {
         base3 += Rate(secs / 2, run_base) * batch;
         p3 += Rate(secs / 2, [&] { run_rows(mixed_rows); }) * batch;
       }
-      ResetPeakRss();
-      run_base();
-      const int64_t base_rss = PeakRssKb();
-      ResetPeakRss();
-      run_rows(mixed_rows);
-      const int64_t mixed_rss = PeakRssKb();
+      const double base_mb = PeakActivationMb(run_base);
+      const double p1_mb = PeakActivationMb([&] { run_rows(lora_rows); });
+      const double p3_mb = PeakActivationMb([&] { run_rows(mixed_rows); });
       base /= 2, p1 /= 2, p2 /= 2, base3 /= 2, p3 /= 2;
       const double base_all = (base + base3) / 2;
-      std::printf("| %s | %d | %.1f | %.1f | %.3f | %.1f | %.2f | %.1f | %.3f | %.0f / %.0f |\n",
-                  std::string(name).c_str(), batch, base_all, p1, p1 / base, p2, p1 / p2, p3, p3 / base3,
-                  base_rss / 1024.0, mixed_rss / 1024.0);
+      std::printf("| %s | %d | %.1f | %.1f | %.3f | %.1f | %.2f | %.1f | %.3f | %.1f / %.1f / %.1f |\n",
+                  std::string(name).c_str(), batch, base_all, p1, p1 / base, p2, p1 / p2, p3, p3 / base3, base_mb,
+                  p1_mb, p3_mb);
       std::fflush(stdout);
+      if (absl::GetFlag(FLAGS_per_method)) {
+        std::string line = absl::StrCat("|  | per method, batch ", batch, ": ");
+        for (int k = 0; k < ds::delta::kNumMethodKinds; ++k) {
+          const MethodKind kind = static_cast<MethodKind>(k);
+          std::vector<std::shared_ptr<const ds::delta::DeltaPack>> packs;
+          std::vector<const ds::delta::DeltaPack*> rows;
+          for (int i = 0; i < batch; ++i) {
+            packs.push_back(MakePack(model, {OneMethod(model, kind)}, absl::StrCat("one-", i)));
+            rows.push_back(packs.back().get());
+          }
+          double b = 0, m = 0;
+          for (int round = 0; round < 2; ++round) {
+            b += Rate(secs / 4, run_base);
+            m += Rate(secs / 4, [&] { run_rows(rows); });
+          }
+          absl::StrAppend(&line, ds::delta::MethodKindName(kind), " ", absl::StrFormat("%.2f", m / b), "; ");
+        }
+        std::printf("%s|\n", line.c_str());
+        std::fflush(stdout);
+      }
     }
   }
   return 0;
