@@ -18,8 +18,9 @@
 #include <c10/core/InferenceMode.h>
 #include <sys/stat.h>
 
-#include <atomic>
 #include <cstdio>
+#include <mutex>
+#include <unordered_map>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -58,42 +59,58 @@ using ds::delta::PackContents;
 namespace {
 
 // Counts the bytes LibTorch's CPU allocator hands out, to report the peak activation memory of one forward.
+// Wraps the default CPU allocator keeping its contract (context == data pointer, a raw deleter), which parts of
+// LibTorch assert.
 class TrackingAllocator final : public c10::Allocator {
  public:
-  explicit TrackingAllocator(c10::Allocator* base) : base_(base) {}
+  explicit TrackingAllocator(c10::Allocator* base) {
+    base_ = base;
+    base_deleter_ = base->raw_deleter();
+  }
   c10::DataPtr allocate(size_t n) const override {
     c10::DataPtr inner = base_->allocate(n);
-    auto* ctx = new Context{std::move(inner), n, this};
-    const int64_t now = current_.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n);
-    int64_t peak = peak_.load();
-    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    void* data = inner.get();
+    const c10::Device device = inner.device();
+    (void)inner.release_context();  // the base's context is the data pointer; we free it with its raw deleter
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      sizes_[data] = n;
+      current_ += static_cast<int64_t>(n);
+      peak_ = std::max(peak_, current_);
     }
-    void* data = ctx->inner.get();
-    const c10::Device device = ctx->inner.device();
-    return c10::DataPtr(data, ctx, &Delete, device);
+    return c10::DataPtr(data, data, &Delete, device);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &Delete; }
   // Starts a new peak measurement; returns the bytes in use now.
   int64_t ResetPeak() {
-    peak_ = current_.load();
+    std::lock_guard<std::mutex> lock(mu_);
+    peak_ = current_;
     return peak_;
   }
-  int64_t peak() const { return peak_.load(); }
+  int64_t peak() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return peak_;
+  }
 
  private:
-  struct Context {
-    c10::DataPtr inner;
-    size_t n;
-    const TrackingAllocator* self;
-  };
   static void Delete(void* p) {
-    auto* ctx = static_cast<Context*>(p);
-    ctx->self->current_.fetch_sub(static_cast<int64_t>(ctx->n));
-    delete ctx;
+    if (p == nullptr) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = sizes_.find(p);
+      if (it != sizes_.end()) {
+        current_ -= static_cast<int64_t>(it->second);
+        sizes_.erase(it);
+      }
+    }
+    base_deleter_(p);
   }
-  c10::Allocator* base_;
-  mutable std::atomic<int64_t> current_{0};
-  mutable std::atomic<int64_t> peak_{0};
+  static inline c10::Allocator* base_ = nullptr;
+  static inline c10::DeleterFnPtr base_deleter_ = nullptr;
+  static inline std::mutex mu_;
+  static inline std::unordered_map<void*, size_t> sizes_;
+  static inline int64_t current_ = 0;
+  static inline int64_t peak_ = 0;
 };
 
 TrackingAllocator* g_tracker = nullptr;
