@@ -19,19 +19,16 @@ namespace deltaserve {
 namespace delta {
 namespace {
 
+using testing::BatchTolerance;
+using testing::CreateOrFail;
+using testing::ExpectInvalid;
+using testing::FindModule;
 using testing::MaxBatchVsSoloDiff;
 using testing::RandomRows;
 using testing::RandomTensor;
 using testing::RunRows;
 using testing::TestModels;
 using testing::TinyBert;
-
-const model::ModuleInfo* Find(const model::Model& model, const std::string& name) {
-  for (const auto& m : model.modules()) {
-    if (m.name == name) return &m;
-  }
-  return nullptr;
-}
 
 std::vector<std::string> BlockNames(const model::Model& model, bool ffn_only) {
   std::vector<std::string> out;
@@ -65,11 +62,11 @@ MethodSpec AdapterSpec(const model::Model& model, const AdapterOptions& o) {
   if (!std::isnan(o.scaling)) spec.config["scaling"] = o.scaling;
   uint64_t seed = o.seed * 1000;
   for (const std::string& block : o.targets) {
-    const model::ModuleInfo* info = Find(model, block);
+    const model::ModuleInfo* info = FindModule(model, block);
     EXPECT_NE(info, nullptr) << block;
     if (info == nullptr) continue;
     const int64_t out = info->in_features;
-    const int64_t in = o.parallel ? Find(model, info->sublayer_input)->in_features : out;
+    const int64_t in = o.parallel ? FindModule(model, info->sublayer_input)->in_features : out;
     const int64_t b = o.bottleneck;
     spec.tensors[block + ".down.weight"] = RandomTensor({b, in}, 1.0 / std::sqrt(double(in)), seed++);
     spec.tensors[block + ".down.bias"] = RandomTensor({b}, 0.1, seed++);
@@ -79,24 +76,9 @@ MethodSpec AdapterSpec(const model::Model& model, const AdapterOptions& o) {
   return spec;
 }
 
-// The batch-vs-solo bound for `rows` on `model`: 1e-5, or 3x what the base model itself shows between a batch
-// and each row alone when that is larger (use-lite's hidden states reach |h| ~ 30 with no final layer norm, so a
-// different GEMM blocking for a different padded length alone moves them by ~5e-5).
-double BatchTolerance(const model::Model& model, MethodKind kind, const std::vector<std::vector<int64_t>>& rows) {
-  auto base = MaxBatchVsSoloDiff(model, kind, rows, std::vector<const Method*>(rows.size(), nullptr));
-  EXPECT_TRUE(base.ok()) << base.status();
-  return std::max(1e-5, 3 * base.value_or(0));
-}
-
 // Relative 1e-5 of the largest magnitude in `want` (at least 1e-5).
 double ReferenceTolerance(const model::ForwardOutput& want) {
   return 1e-5 * std::max(1.0, want.hidden_states.abs().max().item<double>());
-}
-
-std::unique_ptr<Method> MustCreate(MethodSpec spec, const model::Model& model) {
-  auto m = CreateMethod(std::move(spec), model, MethodLimits());
-  EXPECT_TRUE(m.ok()) << m.status();
-  return m.ok() ? std::move(*m) : nullptr;
 }
 
 // Several different adapters of one kind for `model`, different sizes, activations and placements.
@@ -110,11 +92,11 @@ std::vector<std::unique_ptr<Method>> MixedAdapters(const model::Model& model, bo
   a.targets = parallel ? all : all;
   a.set_targets = parallel;
   a.bottleneck = 8;
-  out.push_back(MustCreate(AdapterSpec(model, a), model));
+  out.push_back(CreateOrFail(AdapterSpec(model, a), model));
   a.bottleneck = 3;
   a.scaling = 2.0;
   a.seed = seed + 1;
-  out.push_back(MustCreate(AdapterSpec(model, a), model));
+  out.push_back(CreateOrFail(AdapterSpec(model, a), model));
   // A gelu one on the feed-forward blocks only (Pfeiffer / the parallel default).
   a = AdapterOptions();
   a.parallel = parallel;
@@ -123,7 +105,7 @@ std::vector<std::unique_ptr<Method>> MixedAdapters(const model::Model& model, bo
   if (!parallel) a.placement = "pfeiffer";
   a.activation = "gelu";
   a.bottleneck = 16;
-  out.push_back(MustCreate(AdapterSpec(model, a), model));
+  out.push_back(CreateOrFail(AdapterSpec(model, a), model));
   // A tanh one on layer 0's attention block only (custom), scaled.
   a = AdapterOptions();
   a.parallel = parallel;
@@ -134,7 +116,7 @@ std::vector<std::unique_ptr<Method>> MixedAdapters(const model::Model& model, bo
   a.activation = "tanh";
   a.bottleneck = 4;
   a.scaling = 0.5;
-  out.push_back(MustCreate(AdapterSpec(model, a), model));
+  out.push_back(CreateOrFail(AdapterSpec(model, a), model));
   // A swish one everywhere.
   a = AdapterOptions();
   a.parallel = parallel;
@@ -143,7 +125,7 @@ std::vector<std::unique_ptr<Method>> MixedAdapters(const model::Model& model, bo
   a.set_targets = parallel;
   a.activation = "swish";
   a.bottleneck = 5;
-  out.push_back(MustCreate(AdapterSpec(model, a), model));
+  out.push_back(CreateOrFail(AdapterSpec(model, a), model));
   return out;
 }
 
@@ -163,7 +145,7 @@ TEST_P(AdapterTest, MixedBatchEqualsEachRowAlone) {
                                             adapters[1].get(), adapters[3].get(), adapters[0].get(),
                                             nullptr,           adapters[4].get(), adapters[2].get(),
                                             adapters[1].get(), adapters[3].get()};
-      const double tol = BatchTolerance(*model, kind, rows);
+      const double tol = BatchTolerance(*model, kind, rows, 1e-5, 3);
       auto diff = MaxBatchVsSoloDiff(*model, kind, rows, methods);
       ASSERT_TRUE(diff.ok()) << diff.status();
       EXPECT_LE(*diff, tol);
@@ -171,7 +153,7 @@ TEST_P(AdapterTest, MixedBatchEqualsEachRowAlone) {
                   name.c_str(), static_cast<int>(seed), *diff, tol);
       // One adapter on some rows (the gather path) and on every row (the whole-batch path).
       const std::vector<std::vector<int64_t>> four = {rows[0], rows[1], rows[2], rows[3]};
-      const double tol4 = BatchTolerance(*model, kind, four);
+      const double tol4 = BatchTolerance(*model, kind, four, 1e-5, 3);
       const std::vector<const Method*> one = {adapters[1].get(), nullptr, adapters[1].get(), nullptr};
       diff = MaxBatchVsSoloDiff(*model, kind, four, one);
       ASSERT_TRUE(diff.ok()) << diff.status();
@@ -218,11 +200,11 @@ TEST_P(AdapterTest, ZeroUpProjectionIsIdentity) {
     o.up_scale = 0;
     o.bottleneck = 6;
     o.activation = "gelu";
-    auto zero = MustCreate(AdapterSpec(*model, o), *model);
+    auto zero = CreateOrFail(AdapterSpec(*model, o), *model);
     o.bottleneck = 2;
     o.activation = "relu";
     o.seed = 2;
-    auto zero2 = MustCreate(AdapterSpec(*model, o), *model);
+    auto zero2 = CreateOrFail(AdapterSpec(*model, o), *model);
     ASSERT_NE(zero, nullptr);
     ASSERT_NE(zero2, nullptr);
     const auto rows = RandomRows(*model, 6, 1, 12, 3);
@@ -292,7 +274,7 @@ TEST_P(AdapterTest, OneRowEqualsNaiveReference) {
       o.scaling = 0.75;
       o.seed = 5;
       const MethodSpec spec = AdapterSpec(*model, o);
-      auto method = MustCreate(spec, *model);
+      auto method = CreateOrFail(spec, *model);
       ASSERT_NE(method, nullptr);
       const auto rows = RandomRows(*model, 1, 9, 9, 11);
       NaiveAdapter naive(spec, *model, parallel, activation, 0.75);
@@ -327,7 +309,7 @@ TEST_P(AdapterTest, BFloat16Runs) {
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_TRUE(std::isfinite(*diff));
   EXPECT_LE(*diff, 0.1);
-  EXPECT_EQ(adapters[0]->bytes() * 2, MustCreate(adapters[0]->spec(), *TinyBert())->bytes());
+  EXPECT_EQ(adapters[0]->bytes() * 2, CreateOrFail(adapters[0]->spec(), *TinyBert())->bytes());
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, AdapterTest, ::testing::Bool(),
@@ -340,7 +322,7 @@ TEST(AdapterSpecTest, CanonicalSpecHasResolvedTargetsAndDefaults) {
     SCOPED_TRACE(name);
     AdapterOptions o;
     o.targets = BlockNames(*model, false);
-    auto houlsby = MustCreate(AdapterSpec(*model, o), *model);
+    auto houlsby = CreateOrFail(AdapterSpec(*model, o), *model);
     ASSERT_NE(houlsby, nullptr);
     const nlohmann::json& c = houlsby->spec().config;
     EXPECT_EQ(c["placement"], "houlsby");
@@ -355,14 +337,14 @@ TEST(AdapterSpecTest, CanonicalSpecHasResolvedTargetsAndDefaults) {
     for (const auto& [n, t] : houlsby->spec().tensors) bytes += t.nbytes();
     EXPECT_EQ(houlsby->bytes(), bytes);
     // The canonical spec is accepted again, and is a fixed point.
-    auto again = MustCreate(houlsby->spec(), *model);
+    auto again = CreateOrFail(houlsby->spec(), *model);
     ASSERT_NE(again, nullptr);
     EXPECT_EQ(again->spec().config, c);
 
     // Pfeiffer: only the feed-forward block outputs, never "attention.output".
     o.targets = BlockNames(*model, true);
     o.placement = "pfeiffer";
-    auto pfeiffer = MustCreate(AdapterSpec(*model, o), *model);
+    auto pfeiffer = CreateOrFail(AdapterSpec(*model, o), *model);
     ASSERT_NE(pfeiffer, nullptr);
     for (const auto& t : pfeiffer->spec().config["targets"]) {
       EXPECT_EQ(t.get<std::string>().find("attention"), std::string::npos) << t;
@@ -376,7 +358,7 @@ TEST(AdapterSpecTest, CanonicalSpecHasResolvedTargetsAndDefaults) {
     AdapterOptions o2 = o;
     MethodSpec spec = AdapterSpec(*model, o2);
     spec.config["targets"] = {"layer.1.attention.output"};
-    auto custom = MustCreate(spec, *model);
+    auto custom = CreateOrFail(spec, *model);
     ASSERT_NE(custom, nullptr);
     EXPECT_EQ(custom->spec().config["targets"], nlohmann::json({"encoder.layer.1.attention.output"}));
 
@@ -384,21 +366,13 @@ TEST(AdapterSpecTest, CanonicalSpecHasResolvedTargetsAndDefaults) {
     AdapterOptions p;
     p.parallel = true;
     p.targets = BlockNames(*model, true);
-    auto parallel = MustCreate(AdapterSpec(*model, p), *model);
+    auto parallel = CreateOrFail(AdapterSpec(*model, p), *model);
     ASSERT_NE(parallel, nullptr);
     sorted = p.targets;
     std::sort(sorted.begin(), sorted.end());
     EXPECT_EQ(parallel->spec().config["targets"].get<std::vector<std::string>>(), sorted);
     EXPECT_FALSE(parallel->spec().config.contains("placement"));
   }
-}
-
-void ExpectInvalid(const MethodSpec& spec, const model::Model& model, const std::string& needle,
-                   const MethodLimits& limits = MethodLimits()) {
-  auto m = CreateMethod(spec, model, limits);
-  ASSERT_FALSE(m.ok()) << "accepted; expected an error naming " << needle;
-  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
-  EXPECT_NE(m.status().message().find(needle), std::string::npos) << m.status() << " (expected " << needle << ")";
 }
 
 TEST(AdapterSpecTest, BadInputIsInvalidArgument) {
@@ -409,7 +383,7 @@ TEST(AdapterSpecTest, BadInputIsInvalidArgument) {
       o.parallel = parallel;
       o.targets = parallel ? BlockNames(*model, true) : BlockNames(*model, false);
       const MethodSpec good = AdapterSpec(*model, o);
-      ASSERT_NE(MustCreate(good, *model), nullptr);
+      ASSERT_NE(CreateOrFail(good, *model), nullptr);
       const std::string block = o.targets[0];
 
       MethodSpec s = good;
@@ -500,7 +474,7 @@ TEST(AdapterSpecTest, MakeBatchRefusesOtherKinds) {
   auto model = TinyBert();
   AdapterOptions o;
   o.targets = BlockNames(*model, false);
-  auto seq = MustCreate(AdapterSpec(*model, o), *model);
+  auto seq = CreateOrFail(AdapterSpec(*model, o), *model);
   ASSERT_NE(seq, nullptr);
   auto b = MakeMethodBatch(MethodKind::kParallelAdapter, {seq.get()}, *model);
   EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);

@@ -22,10 +22,14 @@ namespace delta {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::BatchTolerance;
+using testing::CreateOrFail;
+using testing::ForwardOrFail;
+using testing::MakeBatchOrFail;
 using testing::MaxBatchVsSoloDiff;
+using testing::MaxDiff;
 using testing::RandomRows;
 using testing::RandomTensor;
-using testing::RunRows;
 using testing::TestModels;
 using testing::TinyBert;
 
@@ -47,38 +51,6 @@ MethodSpec RandomBitFit(const model::Model& model, const std::vector<std::string
     spec.tensors[m->name + ".bias"] = zero ? at::zeros({Width(*m)}) : RandomTensor({Width(*m)}, 0.1, seed++);
   }
   return spec;
-}
-
-std::unique_ptr<Method> Create(MethodSpec spec, const model::Model& model) {
-  auto m = CreateMethod(std::move(spec), model, MethodLimits{});
-  EXPECT_TRUE(m.ok()) << m.status();
-  return m.ok() ? std::move(*m) : nullptr;
-}
-
-std::unique_ptr<MethodBatch> Batch(const std::vector<const Method*>& rows, const model::Model& model) {
-  auto b = MakeMethodBatch(MethodKind::kBitFit, rows, model);
-  EXPECT_TRUE(b.ok()) << b.status();
-  return b.ok() ? std::move(*b) : nullptr;
-}
-
-model::ForwardOutput Forward(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
-                             model::ForwardHooks* hooks) {
-  auto out = RunRows(model, rows, hooks);
-  EXPECT_TRUE(out.ok()) << out.status();
-  return out.ok() ? *out : model::ForwardOutput{};
-}
-
-double MaxDiff(const model::ForwardOutput& a, const model::ForwardOutput& b) {
-  return std::max((a.pooled - b.pooled).abs().max().item<double>(),
-                  (a.hidden_states - b.hidden_states).abs().max().item<double>());
-}
-
-// 1e-5, or 4x what batching costs the backbone itself on these rows when that is more (use-lite's hidden states
-// are ~30 in magnitude: its plain forward already differs by ~7e-5 between a batch and its rows alone).
-double BatchTolerance(const model::Model& model, const std::vector<std::vector<int64_t>>& rows, double floor) {
-  auto base = MaxBatchVsSoloDiff(model, MethodKind::kBitFit, rows, std::vector<const Method*>(rows.size(), nullptr));
-  EXPECT_TRUE(base.ok()) << base.status();
-  return std::max(floor, 4 * base.value_or(0));
 }
 
 // The independent reference: each targeted module recomputed from its parameters with the bias b + delta.
@@ -117,13 +89,13 @@ TEST(BitFitTest, MixedBatchEqualsEachRowAlone) {
     const std::vector<std::string> some = {"query", "output.dense", "re:encoder\\.layer\\.1\\..*LayerNorm"};
     for (uint64_t seed : {1, 2, 3}) {
       SCOPED_TRACE(seed);
-      auto m0 = Create(RandomBitFit(*model, nullptr, seed * 100 + 1), *model);
-      auto m1 = Create(RandomBitFit(*model, &norms, seed * 100 + 2), *model);
-      auto m2 = Create(RandomBitFit(*model, &some, seed * 100 + 3), *model);
-      auto m3 = Create(RandomBitFit(*model, nullptr, seed * 100 + 4), *model);
+      auto m0 = CreateOrFail(RandomBitFit(*model, nullptr, seed * 100 + 1), *model);
+      auto m1 = CreateOrFail(RandomBitFit(*model, &norms, seed * 100 + 2), *model);
+      auto m2 = CreateOrFail(RandomBitFit(*model, &some, seed * 100 + 3), *model);
+      auto m3 = CreateOrFail(RandomBitFit(*model, nullptr, seed * 100 + 4), *model);
       ASSERT_TRUE(m0 && m1 && m2 && m3);
       const auto rows = RandomRows(*model, 8, 1, 12, seed);
-      const double tol = BatchTolerance(*model, rows, 1e-5);
+      const double tol = BatchTolerance(*model, MethodKind::kBitFit, rows, 1e-5, 4);
       auto diff = MaxBatchVsSoloDiff(*model, MethodKind::kBitFit, rows,
                                      {m0.get(), nullptr, m1.get(), m2.get(), m1.get(), m3.get(), nullptr, m0.get()});
       ASSERT_TRUE(diff.ok()) << diff.status();
@@ -144,19 +116,19 @@ TEST(BitFitTest, MatchesRecomputedModules) {
     const MethodSpec specs[] = {RandomBitFit(*model, nullptr, 7), RandomBitFit(*model, &some, 8)};
     std::vector<std::unique_ptr<Method>> methods;
     for (const MethodSpec& s : specs) {
-      methods.push_back(Create(s, *model));
+      methods.push_back(CreateOrFail(s, *model));
       ASSERT_TRUE(methods.back());
     }
     const auto rows = RandomRows(*model, 3, 3, 10, 42);
-    const double tol = BatchTolerance(*model, rows, 1e-4);
-    auto batch = Batch({methods[0].get(), methods[1].get(), nullptr}, *model);
+    const double tol = BatchTolerance(*model, MethodKind::kBitFit, rows, 1e-4, 4);
+    auto batch = MakeBatchOrFail(MethodKind::kBitFit, {methods[0].get(), methods[1].get(), nullptr}, *model);
     ASSERT_TRUE(batch);
-    const model::ForwardOutput batched = Forward(*model, rows, batch.get());
-    const model::ForwardOutput base = Forward(*model, rows, nullptr);
+    const model::ForwardOutput batched = ForwardOrFail(*model, rows, batch.get());
+    const model::ForwardOutput base = ForwardOrFail(*model, rows, nullptr);
     for (size_t i = 0; i < 2; ++i) {
       SCOPED_TRACE(i);
       NaiveBitFit naive(methods[i]->spec(), *model);
-      const model::ForwardOutput ref = Forward(*model, {rows[i]}, &naive);
+      const model::ForwardOutput ref = ForwardOrFail(*model, {rows[i]}, &naive);
       const int64_t len = static_cast<int64_t>(rows[i].size());
       const double diff =
           std::max((batched.pooled[i] - ref.pooled[0]).abs().max().item<double>(),
@@ -175,20 +147,20 @@ TEST(BitFitTest, ZeroDeltasLeaveOutputsUnchanged) {
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
     const std::vector<std::string> norms = {"re:.*LayerNorm"};
-    auto m0 = Create(RandomBitFit(*model, nullptr, 11, /*zero=*/true), *model);
-    auto m1 = Create(RandomBitFit(*model, &norms, 12, /*zero=*/true), *model);
+    auto m0 = CreateOrFail(RandomBitFit(*model, nullptr, 11, /*zero=*/true), *model);
+    auto m1 = CreateOrFail(RandomBitFit(*model, &norms, 12, /*zero=*/true), *model);
     ASSERT_TRUE(m0 && m1);
     const auto rows = RandomRows(*model, 4, 1, 9, 5);
-    auto batch = Batch({m0.get(), m1.get(), nullptr, m0.get()}, *model);
+    auto batch = MakeBatchOrFail(MethodKind::kBitFit, {m0.get(), m1.get(), nullptr, m0.get()}, *model);
     ASSERT_TRUE(batch);
-    EXPECT_LE(MaxDiff(Forward(*model, rows, batch.get()), Forward(*model, rows, nullptr)), 1e-6);
+    EXPECT_LE(MaxDiff(ForwardOrFail(*model, rows, batch.get()), ForwardOrFail(*model, rows, nullptr)), 1e-6);
   }
 }
 
 TEST(BitFitTest, CanonicalSpecResolvesTargets) {
   auto model = TinyBert();
   ASSERT_TRUE(model);
-  auto m = Create(RandomBitFit(*model, nullptr, 13), *model);
+  auto m = CreateOrFail(RandomBitFit(*model, nullptr, 13), *model);
   ASSERT_TRUE(m);
   // Tiny BERT: per layer 6 linears and 2 layer norms, plus the embeddings' layer norm.
   const nlohmann::json& targets = m->spec().config["targets"];
@@ -197,7 +169,7 @@ TEST(BitFitTest, CanonicalSpecResolvesTargets) {
   EXPECT_EQ(targets[0], "embeddings.LayerNorm");
   EXPECT_EQ(m->spec().tensors.size(), 17u);
   EXPECT_EQ(m->bytes(), 4 * (2 * (5 * 32 + 64 + 2 * 32) + 32));
-  auto again = Create(m->spec(), *model);
+  auto again = CreateOrFail(m->spec(), *model);
   ASSERT_TRUE(again);
   EXPECT_EQ(again->spec().config, m->spec().config);
 }
@@ -284,8 +256,8 @@ TEST(BitFitTest, BFloat16ModelIsCloseToFloat32) {
   const MethodSpec specs[] = {RandomBitFit(*fp32, nullptr, 31), RandomBitFit(*fp32, &norms, 32)};
   std::vector<std::unique_ptr<Method>> m32, m16;
   for (const MethodSpec& s : specs) {
-    m32.push_back(Create(s, *fp32));
-    m16.push_back(Create(s, *bf16));
+    m32.push_back(CreateOrFail(s, *fp32));
+    m16.push_back(CreateOrFail(s, *bf16));
     ASSERT_TRUE(m32.back() && m16.back());
   }
   EXPECT_EQ(m16[0]->bytes() * 2, m32[0]->bytes());
@@ -296,12 +268,12 @@ TEST(BitFitTest, BFloat16ModelIsCloseToFloat32) {
     r32.push_back(p < 0 ? nullptr : m32[p].get());
     r16.push_back(p < 0 ? nullptr : m16[p].get());
   }
-  auto b32 = Batch(r32, *fp32);
-  auto b16 = Batch(r16, *bf16);
+  auto b32 = MakeBatchOrFail(MethodKind::kBitFit, r32, *fp32);
+  auto b16 = MakeBatchOrFail(MethodKind::kBitFit, r16, *bf16);
   ASSERT_TRUE(b32 && b16);
-  const model::ForwardOutput out32 = Forward(*fp32, rows, b32.get());
-  const model::ForwardOutput out16 = Forward(*bf16, rows, b16.get());
-  const model::ForwardOutput base32 = Forward(*fp32, rows, nullptr);
+  const model::ForwardOutput out32 = ForwardOrFail(*fp32, rows, b32.get());
+  const model::ForwardOutput out16 = ForwardOrFail(*bf16, rows, b16.get());
+  const model::ForwardOutput base32 = ForwardOrFail(*fp32, rows, nullptr);
   const double diff = (out16.pooled - out32.pooled).abs().max().item<double>();
   const double effect = (base32.pooled - out32.pooled).abs().max().item<double>();
   std::cout << "bf16 vs fp32 pooled: " << diff << " (the delta's effect: " << effect << ")\n";

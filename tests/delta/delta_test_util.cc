@@ -7,11 +7,15 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
+#include <system_error>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
 #include "server/common/status_macros.h"
 #include "server/delta/delta_batch.h"
 #include "server/model/model_loader.h"
@@ -201,6 +205,84 @@ absl::StatusOr<double> MaxPackBatchVsSoloDiff(const model::Model& model,
                                     static_cast<int64_t>(rows[i].size())));
   }
   return worst;
+}
+
+std::unique_ptr<Method> CreateOrFail(MethodSpec spec, const model::Model& model, const MethodLimits& limits) {
+  auto m = CreateMethod(std::move(spec), model, limits);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? std::move(*m) : nullptr;
+}
+
+std::unique_ptr<MethodBatch> MakeBatchOrFail(MethodKind kind, const std::vector<const Method*>& rows,
+                                             const model::Model& model) {
+  auto b = MakeMethodBatch(kind, rows, model);
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? std::move(*b) : nullptr;
+}
+
+model::ForwardOutput ForwardOrFail(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
+                                   model::ForwardHooks* hooks) {
+  auto out = RunRows(model, rows, hooks);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? *out : model::ForwardOutput{};
+}
+
+double MaxDiff(const model::ForwardOutput& a, const model::ForwardOutput& b) {
+  return std::max((a.pooled - b.pooled).abs().max().item<double>(),
+                  (a.hidden_states - b.hidden_states).abs().max().item<double>());
+}
+
+double BatchTolerance(const model::Model& model, MethodKind kind, const std::vector<std::vector<int64_t>>& rows,
+                      double floor, double factor) {
+  auto base = MaxBatchVsSoloDiff(model, kind, rows, std::vector<const Method*>(rows.size(), nullptr));
+  EXPECT_TRUE(base.ok()) << base.status();
+  return std::max(floor, factor * base.value_or(0));
+}
+
+void ExpectInvalid(const MethodSpec& spec, const model::Model& model, const std::string& needle,
+                   const MethodLimits& limits) {
+  auto m = CreateMethod(spec, model, limits);
+  ASSERT_FALSE(m.ok()) << "accepted; expected an error naming " << needle;
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
+  EXPECT_NE(m.status().message().find(needle), std::string::npos) << m.status() << " (expected " << needle << ")";
+}
+
+const model::ModuleInfo* FindModule(const model::Model& model, const std::string& name) {
+  for (const auto& m : model.modules()) {
+    if (m.name == name) return &m;
+  }
+  return nullptr;
+}
+
+namespace {
+
+// Directories made by MakeTempDir, removed when the tests end.
+std::vector<std::string>* TempDirs() {
+  static auto* dirs = new std::vector<std::string>();
+  return dirs;
+}
+
+class RemoveTempDirs : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    for (const std::string& dir : *TempDirs()) {
+      std::error_code ignored;
+      std::filesystem::remove_all(dir, ignored);
+    }
+  }
+};
+
+}  // namespace
+
+std::string MakeTempDir(const std::string& prefix) {
+  static ::testing::Environment* const remove_temp_dirs = ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
+  (void)remove_temp_dirs;
+  std::string tmpl = "/tmp/" + prefix + ".XXXXXX";
+  const char* dir = ::mkdtemp(tmpl.data());
+  EXPECT_NE(dir, nullptr);
+  if (dir == nullptr) return "/tmp";
+  TempDirs()->push_back(dir);
+  return dir;
 }
 
 }  // namespace testing

@@ -56,6 +56,38 @@ absl::StatusOr<double> MaxPackBatchVsSoloDiff(const model::Model& model,
                                               const std::vector<std::vector<int64_t>>& rows,
                                               const std::vector<const DeltaPack*>& packs);
 
+// The helpers below check with EXPECT (a failure is recorded, the test goes on); on a failure the *OrFail ones
+// return nullptr / an empty value.
+
+// CreateMethod(spec, model, limits), EXPECTing it to succeed.
+std::unique_ptr<Method> CreateOrFail(MethodSpec spec, const model::Model& model, const MethodLimits& limits = {});
+
+// MakeMethodBatch(kind, rows, model), EXPECTing it to succeed.
+std::unique_ptr<MethodBatch> MakeBatchOrFail(MethodKind kind, const std::vector<const Method*>& rows,
+                                             const model::Model& model);
+
+// RunRows(model, rows, hooks), EXPECTing it to succeed.
+model::ForwardOutput ForwardOrFail(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
+                                   model::ForwardHooks* hooks);
+
+// Max |a - b| over pooled outputs and hidden states.
+double MaxDiff(const model::ForwardOutput& a, const model::ForwardOutput& b);
+
+// A batch-vs-solo bound for `rows`: max(floor, factor x the backbone's own batch-vs-solo difference on them, run
+// through `kind`'s batch with no methods) (use-lite's hidden states reach |h| ~ 30: padding alone moves them ~7e-5).
+double BatchTolerance(const model::Model& model, MethodKind kind, const std::vector<std::vector<int64_t>>& rows,
+                      double floor, double factor);
+
+// EXPECTs CreateMethod(spec, model, limits) to fail with kInvalidArgument and a message containing `needle`.
+void ExpectInvalid(const MethodSpec& spec, const model::Model& model, const std::string& needle,
+                   const MethodLimits& limits = MethodLimits());
+
+// The module of `model` named `name`; nullptr when none.
+const model::ModuleInfo* FindModule(const model::Model& model, const std::string& name);
+
+// A fresh directory /tmp/<prefix>.XXXXXX (EXPECTs mkdtemp to succeed; "/tmp" if not), removed when the tests end.
+std::string MakeTempDir(const std::string& prefix);
+
 }  // namespace testing
 }  // namespace delta
 }  // namespace deltaserve

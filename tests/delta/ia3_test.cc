@@ -23,10 +23,14 @@ namespace delta {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::BatchTolerance;
+using testing::CreateOrFail;
+using testing::ForwardOrFail;
+using testing::MakeBatchOrFail;
 using testing::MaxBatchVsSoloDiff;
+using testing::MaxDiff;
 using testing::RandomRows;
 using testing::RandomTensor;
-using testing::RunRows;
 using testing::TestModels;
 using testing::TinyBert;
 
@@ -51,38 +55,6 @@ MethodSpec RandomIa3(const model::Model& model, const std::vector<std::string>* 
     spec.tensors[m->name + ".ia3_l"] = ones ? at::ones({n}) : RandomTensor({n}, 0.3, seed++).add(1);
   }
   return spec;
-}
-
-std::unique_ptr<Method> Create(MethodSpec spec, const model::Model& model) {
-  auto m = CreateMethod(std::move(spec), model, MethodLimits{});
-  EXPECT_TRUE(m.ok()) << m.status();
-  return m.ok() ? std::move(*m) : nullptr;
-}
-
-std::unique_ptr<MethodBatch> Batch(const std::vector<const Method*>& rows, const model::Model& model) {
-  auto b = MakeMethodBatch(MethodKind::kIa3, rows, model);
-  EXPECT_TRUE(b.ok()) << b.status();
-  return b.ok() ? std::move(*b) : nullptr;
-}
-
-model::ForwardOutput Forward(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
-                             model::ForwardHooks* hooks) {
-  auto out = RunRows(model, rows, hooks);
-  EXPECT_TRUE(out.ok()) << out.status();
-  return out.ok() ? *out : model::ForwardOutput{};
-}
-
-double MaxDiff(const model::ForwardOutput& a, const model::ForwardOutput& b) {
-  return std::max((a.pooled - b.pooled).abs().max().item<double>(),
-                  (a.hidden_states - b.hidden_states).abs().max().item<double>());
-}
-
-// 1e-5, or 4x what batching costs the backbone itself on these rows when that is more (use-lite's hidden states
-// are ~30 in magnitude: its plain forward already differs by ~7e-5 between a batch and its rows alone).
-double BatchTolerance(const model::Model& model, const std::vector<std::vector<int64_t>>& rows, double floor) {
-  auto base = MaxBatchVsSoloDiff(model, MethodKind::kIa3, rows, std::vector<const Method*>(rows.size(), nullptr));
-  EXPECT_TRUE(base.ok()) << base.status();
-  return std::max(floor, 4 * base.value_or(0));
 }
 
 // The independent reference: each targeted linear recomputed with re-scaled weights: diag(l) W and l * b for an
@@ -121,13 +93,13 @@ TEST(Ia3Test, MixedBatchEqualsEachRowAlone) {
     const std::vector<std::string> none;
     for (uint64_t seed : {1, 2, 3}) {
       SCOPED_TRACE(seed);
-      auto m0 = Create(RandomIa3(*model, nullptr, nullptr, seed * 100 + 1), *model);
-      auto m1 = Create(RandomIa3(*model, &all, &ff1, seed * 100 + 2), *model);
-      auto m2 = Create(RandomIa3(*model, &some, &none, seed * 100 + 3), *model);
-      auto m3 = Create(RandomIa3(*model, nullptr, nullptr, seed * 100 + 4), *model);
+      auto m0 = CreateOrFail(RandomIa3(*model, nullptr, nullptr, seed * 100 + 1), *model);
+      auto m1 = CreateOrFail(RandomIa3(*model, &all, &ff1, seed * 100 + 2), *model);
+      auto m2 = CreateOrFail(RandomIa3(*model, &some, &none, seed * 100 + 3), *model);
+      auto m3 = CreateOrFail(RandomIa3(*model, nullptr, nullptr, seed * 100 + 4), *model);
       ASSERT_TRUE(m0 && m1 && m2 && m3);
       const auto rows = RandomRows(*model, 8, 1, 12, seed);
-      const double tol = BatchTolerance(*model, rows, 1e-5);
+      const double tol = BatchTolerance(*model, MethodKind::kIa3, rows, 1e-5, 4);
       auto diff = MaxBatchVsSoloDiff(*model, MethodKind::kIa3, rows,
                                      {m0.get(), nullptr, m1.get(), m2.get(), m1.get(), m3.get(), nullptr, m0.get()});
       ASSERT_TRUE(diff.ok()) << diff.status();
@@ -149,19 +121,19 @@ TEST(Ia3Test, MatchesRecomputedModules) {
     const MethodSpec specs[] = {RandomIa3(*model, nullptr, nullptr, 7), RandomIa3(*model, &all, &ff, 8)};
     std::vector<std::unique_ptr<Method>> methods;
     for (const MethodSpec& s : specs) {
-      methods.push_back(Create(s, *model));
+      methods.push_back(CreateOrFail(s, *model));
       ASSERT_TRUE(methods.back());
     }
     const auto rows = RandomRows(*model, 3, 3, 10, 42);
-    const double tol = BatchTolerance(*model, rows, 1e-4);
-    auto batch = Batch({methods[0].get(), methods[1].get(), nullptr}, *model);
+    const double tol = BatchTolerance(*model, MethodKind::kIa3, rows, 1e-4, 4);
+    auto batch = MakeBatchOrFail(MethodKind::kIa3, {methods[0].get(), methods[1].get(), nullptr}, *model);
     ASSERT_TRUE(batch);
-    const model::ForwardOutput batched = Forward(*model, rows, batch.get());
-    const model::ForwardOutput base = Forward(*model, rows, nullptr);
+    const model::ForwardOutput batched = ForwardOrFail(*model, rows, batch.get());
+    const model::ForwardOutput base = ForwardOrFail(*model, rows, nullptr);
     for (size_t i = 0; i < 2; ++i) {
       SCOPED_TRACE(i);
       NaiveIa3 naive(methods[i]->spec(), *model);
-      const model::ForwardOutput ref = Forward(*model, {rows[i]}, &naive);
+      const model::ForwardOutput ref = ForwardOrFail(*model, {rows[i]}, &naive);
       const int64_t len = static_cast<int64_t>(rows[i].size());
       const double diff =
           std::max((batched.pooled[i] - ref.pooled[0]).abs().max().item<double>(),
@@ -181,13 +153,13 @@ TEST(Ia3Test, AllOnesLeaveOutputsUnchanged) {
     SCOPED_TRACE(name);
     const std::vector<std::string> all = {"re:.*"};
     const std::vector<std::string> ff = {"output.dense"};
-    auto m0 = Create(RandomIa3(*model, nullptr, nullptr, 11, /*ones=*/true), *model);
-    auto m1 = Create(RandomIa3(*model, &all, &ff, 12, /*ones=*/true), *model);
+    auto m0 = CreateOrFail(RandomIa3(*model, nullptr, nullptr, 11, /*ones=*/true), *model);
+    auto m1 = CreateOrFail(RandomIa3(*model, &all, &ff, 12, /*ones=*/true), *model);
     ASSERT_TRUE(m0 && m1);
     const auto rows = RandomRows(*model, 4, 1, 9, 5);
-    auto batch = Batch({m0.get(), m1.get(), nullptr, m0.get()}, *model);
+    auto batch = MakeBatchOrFail(MethodKind::kIa3, {m0.get(), m1.get(), nullptr, m0.get()}, *model);
     ASSERT_TRUE(batch);
-    EXPECT_LE(MaxDiff(Forward(*model, rows, batch.get()), Forward(*model, rows, nullptr)), 1e-6);
+    EXPECT_LE(MaxDiff(ForwardOrFail(*model, rows, batch.get()), ForwardOrFail(*model, rows, nullptr)), 1e-6);
   }
 }
 
@@ -196,7 +168,7 @@ TEST(Ia3Test, CanonicalSpecResolvesTargets) {
   ASSERT_TRUE(model);
   MethodSpec spec = RandomIa3(*model, nullptr, nullptr, 13);
   spec.config = nlohmann::json::object();  // all defaults
-  auto m = Create(spec, *model);
+  auto m = CreateOrFail(spec, *model);
   ASSERT_TRUE(m);
   // PEFT's BERT defaults: keys, values and the FFN down-projections (not attention.output.dense).
   EXPECT_EQ(m->spec().config["targets"],
@@ -208,15 +180,15 @@ TEST(Ia3Test, CanonicalSpecResolvesTargets) {
   EXPECT_EQ(m->spec().tensors.at("encoder.layer.0.output.dense.ia3_l").size(0), 64);  // its input width
   EXPECT_EQ(m->spec().tensors.size(), 6u);
   EXPECT_EQ(m->bytes(), 4 * 2 * (32 + 32 + 64));
-  auto again = Create(m->spec(), *model);
+  auto again = CreateOrFail(m->spec(), *model);
   ASSERT_TRUE(again);
   EXPECT_EQ(again->spec().config, m->spec().config);
   // No feed-forward module at all.
   const std::vector<std::string> kv = {"key", "value"}, none;
-  auto plain = Create(RandomIa3(*model, &kv, &none, 14), *model);
+  auto plain = CreateOrFail(RandomIa3(*model, &kv, &none, 14), *model);
   ASSERT_TRUE(plain);
   EXPECT_EQ(plain->spec().config["feedforward"], nlohmann::json::array());
-  auto plain_again = Create(plain->spec(), *model);
+  auto plain_again = CreateOrFail(plain->spec(), *model);
   ASSERT_TRUE(plain_again);
   EXPECT_EQ(plain_again->spec().config, plain->spec().config);
 }
@@ -304,8 +276,8 @@ TEST(Ia3Test, BFloat16ModelIsCloseToFloat32) {
   const MethodSpec specs[] = {RandomIa3(*fp32, nullptr, nullptr, 31), RandomIa3(*fp32, &all, &ff, 32)};
   std::vector<std::unique_ptr<Method>> m32, m16;
   for (const MethodSpec& s : specs) {
-    m32.push_back(Create(s, *fp32));
-    m16.push_back(Create(s, *bf16));
+    m32.push_back(CreateOrFail(s, *fp32));
+    m16.push_back(CreateOrFail(s, *bf16));
     ASSERT_TRUE(m32.back() && m16.back());
   }
   EXPECT_EQ(m16[0]->bytes() * 2, m32[0]->bytes());
@@ -316,12 +288,12 @@ TEST(Ia3Test, BFloat16ModelIsCloseToFloat32) {
     r32.push_back(p < 0 ? nullptr : m32[p].get());
     r16.push_back(p < 0 ? nullptr : m16[p].get());
   }
-  auto b32 = Batch(r32, *fp32);
-  auto b16 = Batch(r16, *bf16);
+  auto b32 = MakeBatchOrFail(MethodKind::kIa3, r32, *fp32);
+  auto b16 = MakeBatchOrFail(MethodKind::kIa3, r16, *bf16);
   ASSERT_TRUE(b32 && b16);
-  const model::ForwardOutput out32 = Forward(*fp32, rows, b32.get());
-  const model::ForwardOutput out16 = Forward(*bf16, rows, b16.get());
-  const model::ForwardOutput base32 = Forward(*fp32, rows, nullptr);
+  const model::ForwardOutput out32 = ForwardOrFail(*fp32, rows, b32.get());
+  const model::ForwardOutput out16 = ForwardOrFail(*bf16, rows, b16.get());
+  const model::ForwardOutput base32 = ForwardOrFail(*fp32, rows, nullptr);
   const double diff = (out16.pooled - out32.pooled).abs().max().item<double>();
   const double effect = (base32.pooled - out32.pooled).abs().max().item<double>();
   std::cout << "bf16 vs fp32 pooled: " << diff << " (the delta's effect: " << effect << ")\n";

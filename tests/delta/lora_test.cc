@@ -22,10 +22,14 @@ namespace {
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
+using testing::BatchTolerance;
+using testing::CreateOrFail;
+using testing::ForwardOrFail;
+using testing::MakeBatchOrFail;
 using testing::MaxBatchVsSoloDiff;
+using testing::MaxDiff;
 using testing::RandomRows;
 using testing::RandomTensor;
-using testing::RunRows;
 using testing::TestModels;
 using testing::TinyBert;
 
@@ -53,40 +57,6 @@ MethodSpec RandomLora(const model::Model& model, const std::vector<std::string>*
         zero_b ? at::zeros({m->out_features, rank}) : RandomTensor({m->out_features, rank}, 0.05, seed++);
   }
   return spec;
-}
-
-std::unique_ptr<Method> Create(MethodSpec spec, const model::Model& model, const MethodLimits& limits = {}) {
-  auto m = CreateMethod(std::move(spec), model, limits);
-  EXPECT_TRUE(m.ok()) << m.status();
-  return m.ok() ? std::move(*m) : nullptr;
-}
-
-// Max |a - b| over pooled outputs and hidden states.
-double MaxDiff(const model::ForwardOutput& a, const model::ForwardOutput& b) {
-  return std::max((a.pooled - b.pooled).abs().max().item<double>(),
-                  (a.hidden_states - b.hidden_states).abs().max().item<double>());
-}
-
-// The tolerance of a batch-vs-solo comparison on `rows`: 1e-5, or 4x what batching costs the backbone itself
-// on these rows when that is more (use-lite's hidden states are ~30 in magnitude: its plain forward already
-// differs by ~7e-5 between a batch and its rows alone).
-double BatchTolerance(const model::Model& model, const std::vector<std::vector<int64_t>>& rows, double floor) {
-  auto base = MaxBatchVsSoloDiff(model, MethodKind::kLora, rows, std::vector<const Method*>(rows.size(), nullptr));
-  EXPECT_TRUE(base.ok()) << base.status();
-  return std::max(floor, 4 * base.value_or(0));
-}
-
-model::ForwardOutput Forward(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
-                         model::ForwardHooks* hooks) {
-  auto out = RunRows(model, rows, hooks);
-  EXPECT_TRUE(out.ok()) << out.status();
-  return out.ok() ? *out : model::ForwardOutput{};
-}
-
-std::unique_ptr<MethodBatch> Batch(const std::vector<const Method*>& rows, const model::Model& model) {
-  auto b = MakeMethodBatch(MethodKind::kLora, rows, model);
-  EXPECT_TRUE(b.ok()) << b.status();
-  return b.ok() ? std::move(*b) : nullptr;
 }
 
 // The independent reference: each targeted linear recomputed with merged weights W + (alpha / r) B A.
@@ -126,14 +96,14 @@ TEST(LoraTest, MixedBatchEqualsEachRowAlone) {
     const std::vector<std::string> layer0 = {"re:encoder\\.layer\\.0\\..*"};
     for (uint64_t seed : {1, 2, 3}) {
       SCOPED_TRACE(seed);
-      auto m0 = Create(RandomLora(*model, nullptr, 8, 8, seed * 100 + 1), *model);
-      auto m1 = Create(RandomLora(*model, &all, 4, 16, seed * 100 + 2), *model);
-      auto m2 = Create(RandomLora(*model, &some, 2, 3.5, seed * 100 + 3), *model);
-      auto m3 = Create(RandomLora(*model, &layer0, 16, 8, seed * 100 + 4), *model);
-      auto m4 = Create(RandomLora(*model, &all, 8, 8, seed * 100 + 5), *model);
+      auto m0 = CreateOrFail(RandomLora(*model, nullptr, 8, 8, seed * 100 + 1), *model);
+      auto m1 = CreateOrFail(RandomLora(*model, &all, 4, 16, seed * 100 + 2), *model);
+      auto m2 = CreateOrFail(RandomLora(*model, &some, 2, 3.5, seed * 100 + 3), *model);
+      auto m3 = CreateOrFail(RandomLora(*model, &layer0, 16, 8, seed * 100 + 4), *model);
+      auto m4 = CreateOrFail(RandomLora(*model, &all, 8, 8, seed * 100 + 5), *model);
       ASSERT_TRUE(m0 && m1 && m2 && m3 && m4);
       const auto rows = RandomRows(*model, 8, 1, 12, seed);
-      const double tol = BatchTolerance(*model, rows, 1e-5);
+      const double tol = BatchTolerance(*model, MethodKind::kLora, rows, 1e-5, 4);
       // Mixed ranks and targets, rows without.
       auto diff = MaxBatchVsSoloDiff(*model, MethodKind::kLora, rows,
                                      {m0.get(), nullptr, m1.get(), m2.get(), m1.get(), m3.get(), nullptr, m4.get()});
@@ -144,7 +114,7 @@ TEST(LoraTest, MixedBatchEqualsEachRowAlone) {
       std::vector<std::unique_ptr<Method>> owned;
       std::vector<const Method*> distinct;
       for (int i = 0; i < 8; ++i) {
-        owned.push_back(Create(RandomLora(*model, &all, 8, 16, seed * 1000 + 10 * i), *model));
+        owned.push_back(CreateOrFail(RandomLora(*model, &all, 8, 16, seed * 1000 + 10 * i), *model));
         distinct.push_back(owned.back().get());
       }
       diff = MaxBatchVsSoloDiff(*model, MethodKind::kLora, rows, distinct);
@@ -169,20 +139,20 @@ TEST(LoraTest, MatchesMergedWeightsReference) {
     std::vector<std::unique_ptr<Method>> methods;
     std::vector<const Method*> ptrs;
     for (const MethodSpec& s : specs) {
-      methods.push_back(Create(s, *model));
+      methods.push_back(CreateOrFail(s, *model));
       ASSERT_TRUE(methods.back());
       ptrs.push_back(methods.back().get());
     }
     const auto rows = RandomRows(*model, 3, 3, 10, 42);
-    const double tol = BatchTolerance(*model, rows, 1e-4);
-    auto batch = Batch(ptrs, *model);
+    const double tol = BatchTolerance(*model, MethodKind::kLora, rows, 1e-4, 4);
+    auto batch = MakeBatchOrFail(MethodKind::kLora, ptrs, *model);
     ASSERT_TRUE(batch);
-    const model::ForwardOutput batched = Forward(*model, rows, batch.get());
-    const model::ForwardOutput base = Forward(*model, rows, nullptr);
+    const model::ForwardOutput batched = ForwardOrFail(*model, rows, batch.get());
+    const model::ForwardOutput base = ForwardOrFail(*model, rows, nullptr);
     for (size_t i = 0; i < rows.size(); ++i) {
       SCOPED_TRACE(i);
       NaiveLora naive(methods[i]->spec(), *model);
-      const model::ForwardOutput ref = Forward(*model, {rows[i]}, &naive);
+      const model::ForwardOutput ref = ForwardOrFail(*model, {rows[i]}, &naive);
       const int64_t len = static_cast<int64_t>(rows[i].size());
       const double pooled = (batched.pooled[i] - ref.pooled[0]).abs().max().item<double>();
       const double hidden =
@@ -200,16 +170,16 @@ TEST(LoraTest, ZeroBLeavesOutputsUnchanged) {
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
     const std::vector<std::string> all = {"re:.*"};
-    auto m0 = Create(RandomLora(*model, &all, 8, 16, 11, /*zero_b=*/true), *model);
-    auto m1 = Create(RandomLora(*model, nullptr, 2, 2, 12, /*zero_b=*/true), *model);
+    auto m0 = CreateOrFail(RandomLora(*model, &all, 8, 16, 11, /*zero_b=*/true), *model);
+    auto m1 = CreateOrFail(RandomLora(*model, nullptr, 2, 2, 12, /*zero_b=*/true), *model);
     ASSERT_TRUE(m0 && m1);
     const auto rows = RandomRows(*model, 4, 1, 9, 5);
-    auto batch = Batch({m0.get(), m1.get(), nullptr, m0.get()}, *model);
+    auto batch = MakeBatchOrFail(MethodKind::kLora, {m0.get(), m1.get(), nullptr, m0.get()}, *model);
     ASSERT_TRUE(batch);
-    EXPECT_LE(MaxDiff(Forward(*model, rows, batch.get()), Forward(*model, rows, nullptr)), 1e-6);
-    auto empty = Batch({nullptr, nullptr, nullptr, nullptr}, *model);
+    EXPECT_LE(MaxDiff(ForwardOrFail(*model, rows, batch.get()), ForwardOrFail(*model, rows, nullptr)), 1e-6);
+    auto empty = MakeBatchOrFail(MethodKind::kLora, {nullptr, nullptr, nullptr, nullptr}, *model);
     ASSERT_TRUE(empty);
-    EXPECT_LE(MaxDiff(Forward(*model, rows, empty.get()), Forward(*model, rows, nullptr)), 1e-6);
+    EXPECT_LE(MaxDiff(ForwardOrFail(*model, rows, empty.get()), ForwardOrFail(*model, rows, nullptr)), 1e-6);
   }
 }
 
@@ -218,7 +188,7 @@ TEST(LoraTest, CanonicalSpecResolvesTargetsAndFillsDefaults) {
   ASSERT_TRUE(model);
   MethodSpec spec = RandomLora(*model, nullptr, 4, 4, 13);
   spec.config = {{"rank", 4}};  // alpha and targets default
-  auto m = Create(spec, *model);
+  auto m = CreateOrFail(spec, *model);
   ASSERT_TRUE(m);
   const nlohmann::json& config = m->spec().config;
   EXPECT_EQ(config["rank"], 4);
@@ -234,7 +204,7 @@ TEST(LoraTest, CanonicalSpecResolvesTargetsAndFillsDefaults) {
   }
   EXPECT_EQ(m->bytes(), 4 * (2 * 2 * (4 * 32 + 32 * 4)));
   // The canonical spec is a fixed point.
-  auto again = Create(m->spec(), *model);
+  auto again = CreateOrFail(m->spec(), *model);
   ASSERT_TRUE(again);
   EXPECT_EQ(again->spec().config, config);
 }
@@ -252,8 +222,8 @@ TEST(LoraTest, NeverChangesATensorSomethingElseHolds) {
   }
   ASSERT_NE(module, nullptr);
   const std::vector<std::string> targets = {q};
-  auto m0 = Create(RandomLora(*model, &targets, 4, 8, 51), *model);
-  auto m1 = Create(RandomLora(*model, &targets, 2, 8, 52), *model);
+  auto m0 = CreateOrFail(RandomLora(*model, &targets, 4, 8, 51), *model);
+  auto m1 = CreateOrFail(RandomLora(*model, &targets, 2, 8, 52), *model);
   ASSERT_TRUE(m0 && m1);
   auto expected_delta = [&](const Method* m, const at::Tensor& x) {  // x: [T, 32]
     if (m == nullptr) return at::zeros({x.size(0), 32});
@@ -267,7 +237,7 @@ TEST(LoraTest, NeverChangesATensorSomethingElseHolds) {
                                                          {nullptr, m1.get(), nullptr},
                                                          {m0.get(), nullptr, m1.get()}};
   for (const auto& rows : cases) {
-    auto batch = Batch(rows, *model);
+    auto batch = MakeBatchOrFail(MethodKind::kLora, rows, *model);
     ASSERT_TRUE(batch);
     const at::Tensor input = RandomTensor({3, 5, 32}, 1.0, 53);
     const at::Tensor before = RandomTensor({3, 5, 32}, 1.0, 54);
@@ -394,18 +364,18 @@ TEST(LoraTest, BFloat16ModelIsCloseToFloat32) {
   const MethodSpec specs[] = {RandomLora(*fp32, &all, 4, 16, 31), RandomLora(*fp32, nullptr, 8, 8, 32)};
   std::vector<std::unique_ptr<Method>> m32, m16;
   for (const MethodSpec& s : specs) {
-    m32.push_back(Create(s, *fp32));
-    m16.push_back(Create(s, *bf16));
+    m32.push_back(CreateOrFail(s, *fp32));
+    m16.push_back(CreateOrFail(s, *bf16));
     ASSERT_TRUE(m32.back() && m16.back());
   }
   EXPECT_EQ(m16[0]->bytes() * 2, m32[0]->bytes());
   const auto rows = RandomRows(*fp32, 4, 2, 12, 77);
-  auto b32 = Batch({m32[0].get(), nullptr, m32[1].get(), m32[0].get()}, *fp32);
-  auto b16 = Batch({m16[0].get(), nullptr, m16[1].get(), m16[0].get()}, *bf16);
+  auto b32 = MakeBatchOrFail(MethodKind::kLora, {m32[0].get(), nullptr, m32[1].get(), m32[0].get()}, *fp32);
+  auto b16 = MakeBatchOrFail(MethodKind::kLora, {m16[0].get(), nullptr, m16[1].get(), m16[0].get()}, *bf16);
   ASSERT_TRUE(b32 && b16);
-  const model::ForwardOutput out32 = Forward(*fp32, rows, b32.get());
-  const model::ForwardOutput out16 = Forward(*bf16, rows, b16.get());
-  const model::ForwardOutput base32 = Forward(*fp32, rows, nullptr);
+  const model::ForwardOutput out32 = ForwardOrFail(*fp32, rows, b32.get());
+  const model::ForwardOutput out16 = ForwardOrFail(*bf16, rows, b16.get());
+  const model::ForwardOutput base32 = ForwardOrFail(*fp32, rows, nullptr);
   const double diff = (out16.pooled - out32.pooled).abs().max().item<double>();
   const double effect = (base32.pooled - out32.pooled).abs().max().item<double>();
   std::cout << "bf16 vs fp32 pooled: " << diff << " (the LoRA's effect: " << effect << ")\n";

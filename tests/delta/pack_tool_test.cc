@@ -6,12 +6,10 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -31,33 +29,8 @@ namespace {
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
+using testing::MakeTempDir;
 using testing::RandomTensor;
-
-// Temporary directories, removed when the tests end.
-std::vector<std::string>* TempDirs() {
-  static auto* dirs = new std::vector<std::string>();
-  return dirs;
-}
-
-class RemoveTempDirs : public ::testing::Environment {
- public:
-  void TearDown() override {
-    for (const std::string& dir : *TempDirs()) {
-      std::error_code ignored;
-      std::filesystem::remove_all(dir, ignored);
-    }
-  }
-};
-::testing::Environment* const kRemoveTempDirs = ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
-
-std::string TempDir() {
-  char tmpl[] = "/tmp/pack_tool_test.XXXXXX";
-  const char* dir = ::mkdtemp(tmpl);
-  EXPECT_NE(dir, nullptr);
-  if (dir == nullptr) return "/tmp";
-  TempDirs()->push_back(dir);
-  return dir;
-}
 
 std::string Tool() {
   const char* env = std::getenv("DS_BINARY_DIR");
@@ -82,7 +55,7 @@ struct Result {
 };
 
 Result RunTool(const std::vector<std::string>& args) {
-  static const std::string dir = TempDir();
+  static const std::string dir = MakeTempDir("pack_tool_test");
   std::string cmd = Quote(Tool());
   for (const std::string& a : args) cmd += " " + Quote(a);
   cmd += absl::StrCat(" >", dir, "/out 2>", dir, "/err");
@@ -96,7 +69,7 @@ Result RunTool(const std::vector<std::string>& args) {
 
 // A tiny BertForSequenceClassification-style checkpoint ("bert." prefix, with the pooler) in its own directory.
 std::string WriteModelDir() {
-  const std::string dir = TempDir();
+  const std::string dir = MakeTempDir("pack_tool_test");
   const int64_t H = 32, F = 64, P = 32;
   std::vector<std::string> words = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "good", "bad"};
   std::ofstream vocab(dir + "/vocab.txt");
@@ -139,7 +112,7 @@ std::string WriteModelDir() {
 
 // A PEFT LoRA adapter for sequence classification (query / value + the classifier in modules_to_save).
 std::string WritePeftDir() {
-  const std::string dir = TempDir();
+  const std::string dir = MakeTempDir("pack_tool_test");
   nlohmann::json config = {{"peft_type", "LORA"},
                            {"task_type", "SEQ_CLS"},
                            {"r", 4},
@@ -167,7 +140,7 @@ std::string WritePeftDir() {
 TEST(PackToolTest, ImportInspectAndExportPeft) {
   const std::string model_dir = WriteModelDir();
   const std::string peft_dir = WritePeftDir();
-  const std::string out = TempDir() + "/task.dpack";
+  const std::string out = MakeTempDir("pack_tool_test") + "/task.dpack";
 
   Result r =
       RunTool({"import-peft", "--model_dir=" + model_dir, "--name=sst2", "--labels=negative,positive", peft_dir, out});
@@ -197,7 +170,7 @@ TEST(PackToolTest, ImportInspectAndExportPeft) {
   EXPECT_THAT(r.out, ::testing::Not(HasSubstr("not in canonical form")));
 
   // Export: the head has no PEFT LoRA form unless left out.
-  const std::string exported = TempDir() + "/peft";
+  const std::string exported = MakeTempDir("pack_tool_test") + "/peft";
   r = RunTool({"export-peft", "--model_dir=" + model_dir, out, exported});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("deltaserve-pack: UNIMPLEMENTED: "));
@@ -224,7 +197,7 @@ TEST(PackToolTest, ErrorsAndUsage) {
   r = RunTool({"inspect"});
   EXPECT_EQ(r.code, 2);
 
-  const std::string junk = TempDir() + "/junk.dpack";
+  const std::string junk = MakeTempDir("pack_tool_test") + "/junk.dpack";
   std::ofstream(junk) << "definitely not a pack";
   r = RunTool({"inspect", junk});
   EXPECT_EQ(r.code, 1);
@@ -234,7 +207,8 @@ TEST(PackToolTest, ErrorsAndUsage) {
   EXPECT_THAT(r.err, HasSubstr("deltaserve-pack: NOT_FOUND: "));
 
   const std::string model_dir = WriteModelDir();
-  r = RunTool({"import-peft", "--model_dir=" + model_dir, TempDir(), TempDir() + "/x.dpack"});
+  r = RunTool({"import-peft", "--model_dir=" + model_dir, MakeTempDir("pack_tool_test"),
+               MakeTempDir("pack_tool_test") + "/x.dpack"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, AllOf(HasSubstr("deltaserve-pack: NOT_FOUND: "), HasSubstr("adapter_config.json")));
 }

@@ -6,15 +6,12 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
-#include <stdlib.h>
 
 #include <cmath>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -34,37 +31,12 @@ namespace {
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
+using testing::MakeTempDir;
 using testing::RandomRows;
 using testing::RandomTensor;
 using testing::RunRows;
 
 constexpr char kBase[] = "base_model.model.";
-
-// Temporary directories, removed when the tests end.
-std::vector<std::string>* TempDirs() {
-  static auto* dirs = new std::vector<std::string>();
-  return dirs;
-}
-
-class RemoveTempDirs : public ::testing::Environment {
- public:
-  void TearDown() override {
-    for (const std::string& dir : *TempDirs()) {
-      std::error_code ignored;
-      std::filesystem::remove_all(dir, ignored);
-    }
-  }
-};
-::testing::Environment* const kRemoveTempDirs = ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
-
-std::string TempDir() {
-  char tmpl[] = "/tmp/peft_test.XXXXXX";
-  const char* dir = ::mkdtemp(tmpl);
-  EXPECT_NE(dir, nullptr);
-  if (dir == nullptr) return "/tmp";
-  TempDirs()->push_back(dir);
-  return dir;
-}
 
 // A PEFT adapter directory's contents.
 struct PeftFiles {
@@ -74,7 +46,7 @@ struct PeftFiles {
 };
 
 std::string Write(const PeftFiles& files) {
-  const std::string dir = TempDir();
+  const std::string dir = MakeTempDir("peft_test");
   std::ofstream(dir + "/adapter_config.json") << files.config.dump(2);
   const absl::Status st = model::WriteSafetensors(dir + "/adapter_model.safetensors", files.tensors, files.metadata);
   EXPECT_TRUE(st.ok()) << st;
@@ -638,7 +610,7 @@ TEST_F(PeftTest, PrefixTuningLayoutMismatchesAreInvalid) {
 
 // A base checkpoint holding the HF pooler (as BertForSequenceClassification's model.safetensors does).
 std::string WritePooler(const at::Tensor& w, const at::Tensor& b) {
-  const std::string path = TempDir() + "/model.safetensors";
+  const std::string path = MakeTempDir("peft_test") + "/model.safetensors";
   EXPECT_TRUE(model::WriteSafetensors(path, {{"bert.pooler.dense.weight", w},
                                              {"bert.pooler.dense.bias", b},
                                              {"bert.embeddings.word_embeddings.weight", at::zeros({4, 32})}})
@@ -762,7 +734,7 @@ TEST_F(PeftTest, ExportThenImportGivesTheSamePack) {
 
   for (const std::string prefix : {"", "bert."}) {
     SCOPED_TRACE(prefix);
-    const std::string dir = TempDir() + "/exported";  // created by the export
+    const std::string dir = MakeTempDir("peft_test") + "/exported";  // created by the export
     PeftExportOptions options;
     options.base_model_name_or_path = "tiny-bert";
     options.module_prefix = prefix;
@@ -808,23 +780,25 @@ TEST_F(PeftTest, ExportOfOtherMethodsIsUnimplemented) {
   bitfit.tensors["encoder.layer.0.output.dense.bias"] = RandomTensor({32}, 0.1, 701);
   PackContents with_bitfit = pack;
   with_bitfit.methods.push_back(bitfit);
-  ExpectStatus(ExportPeftLora(with_bitfit, *model_, TempDir(), {}), absl::StatusCode::kUnimplemented,
+  ExpectStatus(ExportPeftLora(with_bitfit, *model_, MakeTempDir("peft_test"), {}), absl::StatusCode::kUnimplemented,
                {"LoRA packs only", "bitfit"});
   PackContents prefix_only = ImportOk(PrefixFiles());
-  ExpectStatus(ExportPeftLora(prefix_only, *model_, TempDir(), {}), absl::StatusCode::kUnimplemented, {"prefix"});
+  ExpectStatus(ExportPeftLora(prefix_only, *model_, MakeTempDir("peft_test"), {}), absl::StatusCode::kUnimplemented,
+               {"prefix"});
   PackContents with_head = pack;
   with_head.head = HeadSpec{};
   with_head.head->config = {{"type", "regression"}};
   with_head.head->tensors["out.weight"] = RandomTensor({1, 32}, 0.1, 702);
   with_head.head->tensors["out.bias"] = RandomTensor({1}, 0.1, 703);
-  ExpectStatus(ExportPeftLora(with_head, *model_, TempDir(), {}), absl::StatusCode::kUnimplemented, {"head"});
+  ExpectStatus(ExportPeftLora(with_head, *model_, MakeTempDir("peft_test"), {}), absl::StatusCode::kUnimplemented,
+               {"head"});
   PeftExportOptions options;
   options.skip_head = true;
-  EXPECT_TRUE(ExportPeftLora(with_head, *model_, TempDir(), options).ok());
+  EXPECT_TRUE(ExportPeftLora(with_head, *model_, MakeTempDir("peft_test"), options).ok());
   // The wrong backbone is refused before anything is written.
   PackContents other = pack;
   other.manifest.backbone_fingerprint = "sha256:" + std::string(64, 'a');
-  EXPECT_EQ(ExportPeftLora(other, *model_, TempDir(), {}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ExportPeftLora(other, *model_, MakeTempDir("peft_test"), {}).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 // ------------------------------------------------------------------------------------ unsupported options
@@ -917,7 +891,7 @@ TEST_F(PeftTest, MissingOrMalformedWeightsFile) {
   ExpectStatus(ImportPeft(dir, *model_, {}).status(), absl::StatusCode::kNotFound, {"adapter_model.safetensors"});
   std::ofstream(dir + "/adapter_model.bin") << "pickle";
   ExpectStatus(ImportPeft(dir, *model_, {}).status(), absl::StatusCode::kUnimplemented, {"adapter_model.bin"});
-  ExpectStatus(ImportPeft(TempDir() + "/nothing", *model_, {}).status(), absl::StatusCode::kNotFound,
+  ExpectStatus(ImportPeft(MakeTempDir("peft_test") + "/nothing", *model_, {}).status(), absl::StatusCode::kNotFound,
                {"adapter_config.json"});
 }
 

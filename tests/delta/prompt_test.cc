@@ -16,6 +16,10 @@ namespace deltaserve {
 namespace delta {
 namespace {
 
+using testing::BatchTolerance;
+using testing::CreateOrFail;
+using testing::ExpectInvalid;
+using testing::FindModule;
 using testing::MaxBatchVsSoloDiff;
 using testing::RandomRows;
 using testing::RandomTensor;
@@ -35,20 +39,6 @@ MethodSpec PromptSpec(const model::Model& model, int64_t p, uint64_t seed) {
   return spec;
 }
 
-std::unique_ptr<Method> MustCreate(MethodSpec spec, const model::Model& model) {
-  auto m = CreateMethod(std::move(spec), model, MethodLimits());
-  EXPECT_TRUE(m.ok()) << m.status();
-  return m.ok() ? std::move(*m) : nullptr;
-}
-
-// 1e-5, or 3x the base model's own batch-vs-solo difference on these rows when larger (use-lite's hidden states
-// reach |h| ~ 30: a different padded length alone moves them by ~5e-5).
-double BatchTolerance(const model::Model& model, const std::vector<std::vector<int64_t>>& rows) {
-  auto base = MaxBatchVsSoloDiff(model, MethodKind::kPrompt, rows, std::vector<const Method*>(rows.size(), nullptr));
-  EXPECT_TRUE(base.ok()) << base.status();
-  return std::max(1e-5, 3 * base.value_or(0));
-}
-
 double RelativeTolerance(const at::Tensor& want) {
   return 1e-5 * std::max(1.0, want.abs().max().item<double>());
 }
@@ -57,15 +47,15 @@ TEST(PromptTest, MixedBatchEqualsEachRowAlone) {
   for (const auto& [name, model] : TestModels()) {
     for (uint64_t seed : {1, 2, 3}) {
       SCOPED_TRACE(absl::StrCat(name, " seed ", seed));
-      auto p2 = MustCreate(PromptSpec(*model, 2, seed * 10), *model);
-      auto p5 = MustCreate(PromptSpec(*model, 5, seed * 10 + 1), *model);
-      auto p1 = MustCreate(PromptSpec(*model, 1, seed * 10 + 2), *model);
-      auto p8 = MustCreate(PromptSpec(*model, 8, seed * 10 + 3), *model);
+      auto p2 = CreateOrFail(PromptSpec(*model, 2, seed * 10), *model);
+      auto p5 = CreateOrFail(PromptSpec(*model, 5, seed * 10 + 1), *model);
+      auto p1 = CreateOrFail(PromptSpec(*model, 1, seed * 10 + 2), *model);
+      auto p8 = CreateOrFail(PromptSpec(*model, 8, seed * 10 + 3), *model);
       ASSERT_TRUE(p2 && p5 && p1 && p8);
       const auto rows = RandomRows(*model, 10, 1, 14, seed);
       const std::vector<const Method*> methods = {p2.get(), nullptr, p5.get(), p1.get(), p2.get(),
                                                   nullptr,  p8.get(), p5.get(), p1.get(), nullptr};
-      const double tol = BatchTolerance(*model, rows);
+      const double tol = BatchTolerance(*model, MethodKind::kPrompt, rows, 1e-5, 3);
       auto diff = MaxBatchVsSoloDiff(*model, MethodKind::kPrompt, rows, methods);
       ASSERT_TRUE(diff.ok()) << diff.status();
       EXPECT_LE(*diff, tol);
@@ -74,7 +64,7 @@ TEST(PromptTest, MixedBatchEqualsEachRowAlone) {
       const std::vector<std::vector<int64_t>> four = {rows[0], rows[1], rows[2], rows[3]};
       diff = MaxBatchVsSoloDiff(*model, MethodKind::kPrompt, four, std::vector<const Method*>(4, p5.get()));
       ASSERT_TRUE(diff.ok()) << diff.status();
-      EXPECT_LE(*diff, BatchTolerance(*model, four));
+      EXPECT_LE(*diff, BatchTolerance(*model, MethodKind::kPrompt, four, 1e-5, 3));
     }
   }
 }
@@ -83,8 +73,8 @@ TEST(PromptTest, SoftTokensComeFirstAndShapesFollow) {
   c10::InferenceMode guard;
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
-    auto p3 = MustCreate(PromptSpec(*model, 3, 1), *model);
-    auto p6 = MustCreate(PromptSpec(*model, 6, 2), *model);
+    auto p3 = CreateOrFail(PromptSpec(*model, 3, 1), *model);
+    auto p6 = CreateOrFail(PromptSpec(*model, 6, 2), *model);
     ASSERT_TRUE(p3 && p6);
     const auto rows = RandomRows(*model, 4, 2, 9, 5);
     const std::vector<const Method*> methods = {p3.get(), nullptr, p6.get(), p3.get()};
@@ -133,7 +123,7 @@ TEST(PromptTest, WordEmbeddingPromptEqualsPrependedIds) {
     spec.kind = MethodKind::kPrompt;
     spec.config["num_virtual_tokens"] = 4;
     spec.tensors["prompt_embeddings"] = table.index_select(0, ids).contiguous();
-    auto method = MustCreate(spec, *model);
+    auto method = CreateOrFail(spec, *model);
     ASSERT_NE(method, nullptr);
     const auto rows = RandomRows(*model, 3, 2, 10, 17);
     auto hooks = MakeMethodBatch(MethodKind::kPrompt, {method.get(), nullptr, method.get()}, *model);
@@ -175,7 +165,7 @@ TEST(PromptTest, OneRowEqualsNaiveSplice) {
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
     const MethodSpec spec = PromptSpec(*model, 5, 8);
-    auto method = MustCreate(spec, *model);
+    auto method = CreateOrFail(spec, *model);
     ASSERT_NE(method, nullptr);
     const auto rows = RandomRows(*model, 1, 7, 7, 2);
     NaivePrompt naive(spec.tensors.at("prompt_embeddings"));
@@ -196,23 +186,15 @@ TEST(PromptTest, OneRowEqualsNaiveSplice) {
 TEST(PromptTest, CanonicalSpec) {
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
-    auto p = MustCreate(PromptSpec(*model, 3, 1), *model);
+    auto p = CreateOrFail(PromptSpec(*model, 3, 1), *model);
     ASSERT_NE(p, nullptr);
     EXPECT_EQ(p->spec().config["num_virtual_tokens"], 3);
     EXPECT_EQ(p->spec().tensors.size(), 1u);
     EXPECT_EQ(p->bytes(), 3 * EmbeddingWidth(*model) * 4);
-    auto again = MustCreate(p->spec(), *model);
+    auto again = CreateOrFail(p->spec(), *model);
     ASSERT_NE(again, nullptr);
     EXPECT_EQ(again->spec().config, p->spec().config);
   }
-}
-
-void ExpectInvalid(const MethodSpec& spec, const model::Model& model, const std::string& needle,
-                   const MethodLimits& limits = MethodLimits()) {
-  auto m = CreateMethod(spec, model, limits);
-  ASSERT_FALSE(m.ok()) << "accepted; expected an error naming " << needle;
-  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
-  EXPECT_NE(m.status().message().find(needle), std::string::npos) << m.status() << " (expected " << needle << ")";
 }
 
 TEST(PromptTest, BadInputIsInvalidArgument) {
@@ -269,7 +251,7 @@ TEST(PromptTest, TooLongAfterPromptIsAnError) {
   c10::InferenceMode guard;
   auto model = TinyBert();
   const int64_t max_len = model->info().max_sequence_length;
-  auto p = MustCreate(PromptSpec(*model, max_len - 2, 1), *model);
+  auto p = CreateOrFail(PromptSpec(*model, max_len - 2, 1), *model);
   ASSERT_NE(p, nullptr);
   auto hooks = MakeMethodBatch(MethodKind::kPrompt, {p.get()}, *model);
   ASSERT_TRUE(hooks.ok());
@@ -282,10 +264,10 @@ TEST(PromptTest, TooLongAfterPromptIsAnError) {
 TEST(PromptTest, BFloat16Runs) {
   auto model = TinyBert("bfloat16");
   ASSERT_NE(model, nullptr);
-  auto p3 = MustCreate(PromptSpec(*model, 3, 1), *model);
-  auto p6 = MustCreate(PromptSpec(*model, 6, 2), *model);
+  auto p3 = CreateOrFail(PromptSpec(*model, 3, 1), *model);
+  auto p6 = CreateOrFail(PromptSpec(*model, 6, 2), *model);
   ASSERT_TRUE(p3 && p6);
-  EXPECT_EQ(p3->bytes() * 2, MustCreate(p3->spec(), *TinyBert())->bytes());
+  EXPECT_EQ(p3->bytes() * 2, CreateOrFail(p3->spec(), *TinyBert())->bytes());
   const auto rows = RandomRows(*model, 5, 1, 12, 4);
   auto diff = MaxBatchVsSoloDiff(*model, MethodKind::kPrompt, rows, {p3.get(), nullptr, p6.get(), p3.get(), p6.get()});
   ASSERT_TRUE(diff.ok()) << diff.status();
@@ -317,13 +299,6 @@ class Composite : public model::ForwardHooks {
   }
 };
 
-const model::ModuleInfo* Find(const model::Model& model, const std::string& name) {
-  for (const auto& m : model.modules()) {
-    if (m.name == name) return &m;
-  }
-  return nullptr;
-}
-
 MethodSpec AdapterSpecFor(const model::Model& model, bool parallel, int64_t b, uint64_t seed) {
   MethodSpec spec;
   spec.kind = parallel ? MethodKind::kParallelAdapter : MethodKind::kAdapter;
@@ -331,7 +306,7 @@ MethodSpec AdapterSpecFor(const model::Model& model, bool parallel, int64_t b, u
   for (const auto& m : model.modules()) {
     if (m.kind != model::ModuleKind::kBlockOutput) continue;
     if (parallel && m.name != absl::StrCat("encoder.layer.", m.layer, ".output")) continue;
-    const int64_t in = parallel ? Find(model, m.sublayer_input)->in_features : m.in_features;
+    const int64_t in = parallel ? FindModule(model, m.sublayer_input)->in_features : m.in_features;
     spec.tensors[m.name + ".down.weight"] = RandomTensor({b, in}, 1.0 / std::sqrt(double(in)), seed++);
     spec.tensors[m.name + ".down.bias"] = RandomTensor({b}, 0.1, seed++);
     spec.tensors[m.name + ".up.weight"] = RandomTensor({m.in_features, b}, 0.5, seed++);
@@ -358,11 +333,11 @@ TEST(PromptTest, CombinesWithTheOtherAdditionMethods) {
   c10::InferenceMode guard;
   for (const auto& [name, model] : TestModels()) {
     SCOPED_TRACE(name);
-    auto parallel = MustCreate(AdapterSpecFor(*model, true, 6, 1), *model);
-    auto prefix = MustCreate(PrefixSpecFor(*model, 3, 100), *model);
-    auto prompt2 = MustCreate(PromptSpec(*model, 2, 7), *model);
-    auto prompt5 = MustCreate(PromptSpec(*model, 5, 8), *model);
-    auto adapter = MustCreate(AdapterSpecFor(*model, false, 4, 200), *model);
+    auto parallel = CreateOrFail(AdapterSpecFor(*model, true, 6, 1), *model);
+    auto prefix = CreateOrFail(PrefixSpecFor(*model, 3, 100), *model);
+    auto prompt2 = CreateOrFail(PromptSpec(*model, 2, 7), *model);
+    auto prompt5 = CreateOrFail(PromptSpec(*model, 5, 8), *model);
+    auto adapter = CreateOrFail(AdapterSpecFor(*model, false, 4, 200), *model);
     ASSERT_TRUE(parallel && prefix && prompt2 && prompt5 && adapter);
     const int n = 6;
     const auto rows = RandomRows(*model, n, 1, 12, 21);
@@ -409,7 +384,7 @@ TEST(PromptTest, CombinesWithTheOtherAdditionMethods) {
 
 TEST(PromptTest, MakeBatchRefusesOtherModels) {
   auto model = TinyBert();
-  auto p = MustCreate(PromptSpec(*model, 2, 1), *model);
+  auto p = CreateOrFail(PromptSpec(*model, 2, 1), *model);
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(MakeMethodBatch(MethodKind::kPrompt, {p.get()}, *TinyBert("bfloat16")).status().code(),
             absl::StatusCode::kInvalidArgument);
