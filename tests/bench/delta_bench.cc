@@ -36,6 +36,7 @@
 #include "server/batching/batch_plan.h"
 #include "server/delta/delta_batch.h"
 #include "server/delta/delta_pack.h"
+#include "server/delta/merge.h"
 #include "server/model/model_loader.h"
 #include "server/model/safetensors.h"
 #include "server/service/platform.h"
@@ -407,6 +408,20 @@ int main(int argc, char** argv) {
                   std::string(name).c_str(), batch, base_all, p1, p1 / base, p2, p1 / p2, p3, p3 / base3, base_mb,
                   p1_mb, p3_mb);
       std::fflush(stdout);
+      {
+        // Merge mode: one LoRA pack on every row, unmerged hooks vs merge + plain forward + restore.
+        std::vector<const ds::delta::DeltaPack*> same(batch, lora_rows[0]);
+        double unmerged = 0, merged = 0;
+        for (int round = 0; round < 2; ++round) {
+          unmerged += Rate(secs / 4, [&] { run_rows(same); });
+          merged += Rate(secs / 4, [&] {
+            auto m = ds::delta::MergedPack::Merge(*lora_rows[0], model);
+            Check(m.status(), "merge");
+            Check(model.Forward(input, nullptr).status(), "merged forward");
+          });
+        }
+        std::printf("|  | one LoRA on all %d rows: merged / unmerged %.2f |\n", batch, merged / unmerged);
+      }
       if (absl::GetFlag(FLAGS_per_method)) {
         std::string line = absl::StrCat("|  | per method, batch ", batch, ": ");
         for (int k = 0; k < ds::delta::kNumMethodKinds; ++k) {
