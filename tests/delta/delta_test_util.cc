@@ -160,9 +160,6 @@ absl::StatusOr<model::ForwardOutput> RunRows(const model::Model& model, const st
   return model.Forward(input, hooks);
 }
 
-namespace {
-
-// Max |a - b| over pooled and over the real (non-virtual) token positions of each row.
 double RowDiff(const model::ForwardOutput& batch, int64_t row, int64_t batch_lead, const model::ForwardOutput& solo,
                int64_t solo_lead, int64_t len) {
   double diff = (batch.pooled[row] - solo.pooled[0]).abs().max().item<double>();
@@ -170,8 +167,6 @@ double RowDiff(const model::ForwardOutput& batch, int64_t row, int64_t batch_lea
   at::Tensor hs = solo.hidden_states[0].narrow(0, solo_lead, len);
   return std::max(diff, (hb - hs).abs().max().item<double>());
 }
-
-}  // namespace
 
 absl::StatusOr<double> MaxBatchVsSoloDiff(const model::Model& model, MethodKind kind,
                                           const std::vector<std::vector<int64_t>>& rows,

@@ -47,6 +47,11 @@ absl::StatusOr<model::ForwardOutput> RunRows(const model::Model& model, const st
 // Runs `rows` as one batch where row i carries methods[i] (of `kind`, or nullptr), and each row alone with its
 // method; returns the largest absolute difference between the batched and the solo pooled outputs and per-token
 // states over real tokens (a row's soft prompt positions excluded).
+// Max |a - b| between row `row` of `batch` and row 0 of `solo` (one row alone): over the sentence embedding and
+// the `len` real token states, skipping `batch_lead` / `solo_lead` leading virtual (prompt) positions.
+double RowDiff(const model::ForwardOutput& batch, int64_t row, int64_t batch_lead, const model::ForwardOutput& solo,
+               int64_t solo_lead, int64_t len);
+
 absl::StatusOr<double> MaxBatchVsSoloDiff(const model::Model& model, MethodKind kind,
                                           const std::vector<std::vector<int64_t>>& rows,
                                           const std::vector<const Method*>& methods);

@@ -30,6 +30,7 @@ using testing::MakeBatchOrFail;
 using testing::MaxBatchVsSoloDiff;
 using testing::MaxDiff;
 using testing::RandomRows;
+using testing::RowDiff;
 using testing::RandomTensor;
 using testing::TestModels;
 using testing::TinyBert;
@@ -135,9 +136,7 @@ TEST(Ia3Test, MatchesRecomputedModules) {
       NaiveIa3 naive(methods[i]->spec(), *model);
       const model::ForwardOutput ref = ForwardOrFail(*model, {rows[i]}, &naive);
       const int64_t len = static_cast<int64_t>(rows[i].size());
-      const double diff =
-          std::max((batched.pooled[i] - ref.pooled[0]).abs().max().item<double>(),
-                   (batched.hidden_states[i].narrow(0, 0, len) - ref.hidden_states[0]).abs().max().item<double>());
+      const double diff = RowDiff(batched, static_cast<int64_t>(i), 0, ref, 0, len);
       EXPECT_LE(diff, tol);
       EXPECT_GT((ref.hidden_states[0] - base.hidden_states[i].narrow(0, 0, len)).abs().max().item<double>(), 1e-3);
       std::cout << name << " row " << i << ": batch vs recomputed modules " << diff << "\n";
