@@ -70,6 +70,15 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view data
     std::remove(tmp.c_str());
     return absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path, ": ", error));
   }
+  // The rename is durable only once the directory entry is.
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0) {
+    const int rc = ::fsync(dir_fd);
+    ::close(dir_fd);
+    if (rc != 0) return absl::DataLossError(absl::StrCat("flushing directory ", dir, " failed: ", std::strerror(errno)));
+  }
   return absl::OkStatus();
 }
 

@@ -25,8 +25,8 @@ absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
 // Same, and the value must be an object: INVALID_ARGUMENT "<path> is not a JSON object" otherwise.
 absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path);
 
-// Writes `data` to "<path>.tmp", fsyncs it and renames it over `path`, so readers see the old or the new file,
-// never a partial one. Errors name the path and the system error.
+// Writes `data` to "<path>.tmp", fsyncs it, renames it over `path` and fsyncs the directory, so readers (and a
+// machine that loses power) see the old or the new file, never a partial one. Errors name the path and the system error.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view data);
 
 }  // namespace deltaserve

@@ -52,6 +52,23 @@ absl::StatusOr<std::string> FileSha256Digest(const std::string& path) {
   return Hex(md, len);
 }
 
+Sha256Hasher::Sha256Hasher() : ctx_(EVP_MD_CTX_new()) {
+  EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(ctx_), EVP_sha256(), nullptr);
+}
+
+Sha256Hasher::~Sha256Hasher() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
+
+void Sha256Hasher::Update(absl::string_view data) {
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), data.data(), data.size());
+}
+
+std::string Sha256Hasher::Finish() {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), md, &len);
+  return Hex(md, len);
+}
+
 bool IsSha256Digest(absl::string_view digest) {
   if (!absl::ConsumePrefix(&digest, "sha256:") || digest.size() != 64) return false;
   for (char c : digest) {
