@@ -1,8 +1,10 @@
 #include "client/client.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "grpcpp/grpcpp.h"
+#include "server/common/sha256.h"
 
 namespace deltaserve {
 namespace client {
@@ -11,6 +13,26 @@ namespace {
 void SetDeadline(grpc::ClientContext* context, absl::Duration timeout) {
   context->set_deadline(std::chrono::system_clock::now() +
                         std::chrono::microseconds(absl::ToInt64Microseconds(timeout)));
+}
+
+// `value` when the call ended OK, else the call's status.
+template <typename T>
+absl::StatusOr<T> Finish(const grpc::Status& status, T value) {
+  if (!status.ok()) return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+  return value;
+}
+
+// One unary call with the client's deadline.
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> Unary(Stub* stub,
+                               grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+                               const Request& request, absl::Duration timeout) {
+  grpc::ClientContext context;
+  SetDeadline(&context, timeout);
+  Response response;
+  grpc::Status status = (stub->*method)(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
 }
 
 }  // namespace
@@ -25,6 +47,7 @@ DeltaserveClient::DeltaserveClient(const Options& options) : options_(options) {
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   channel_ = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
   inference_ = deltaserve::v1::InferenceService::NewStub(channel_);
+  deltas_ = deltaserve::v1::DeltaService::NewStub(channel_);
   health_ = grpc::health::v1::Health::NewStub(channel_);
 }
 
@@ -40,31 +63,17 @@ absl::StatusOr<std::string> DeltaserveClient::Health(const std::string& service)
 }
 
 absl::StatusOr<deltaserve::v1::GetModelInfoResponse> DeltaserveClient::GetModelInfo() {
-  grpc::ClientContext context;
-  SetDeadline(&context, options_.timeout);
-  deltaserve::v1::GetModelInfoResponse response;
-  grpc::Status status = inference_->GetModelInfo(&context, deltaserve::v1::GetModelInfoRequest(), &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary(inference_.get(), &deltaserve::v1::InferenceService::Stub::GetModelInfo,
+               deltaserve::v1::GetModelInfoRequest(), options_.timeout);
 }
 
 absl::StatusOr<deltaserve::v1::EmbedResponse> DeltaserveClient::Embed(const deltaserve::v1::EmbedRequest& request) {
-  grpc::ClientContext context;
-  SetDeadline(&context, options_.timeout);
-  deltaserve::v1::EmbedResponse response;
-  grpc::Status status = inference_->Embed(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary(inference_.get(), &deltaserve::v1::InferenceService::Stub::Embed, request, options_.timeout);
 }
 
 absl::StatusOr<deltaserve::v1::ClassifyResponse> DeltaserveClient::Classify(
     const deltaserve::v1::ClassifyRequest& request) {
-  grpc::ClientContext context;
-  SetDeadline(&context, options_.timeout);
-  deltaserve::v1::ClassifyResponse response;
-  grpc::Status status = inference_->Classify(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary(inference_.get(), &deltaserve::v1::InferenceService::Stub::Classify, request, options_.timeout);
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> DeltaserveClient::EmbedTexts(const std::vector<std::string>& texts) {
@@ -78,6 +87,81 @@ absl::StatusOr<std::vector<std::vector<float>>> DeltaserveClient::EmbedTexts(con
     out.emplace_back(result.embedding().values().begin(), result.embedding().values().end());
   }
   return out;
+}
+
+absl::StatusOr<deltaserve::v1::PushDeltaResponse> DeltaserveClient::PushDelta(deltaserve::v1::PushDeltaHeader header,
+                                                                               absl::string_view bytes,
+                                                                               const Progress& progress) {
+  constexpr size_t kChunk = 1 << 20;
+  const int64_t total = static_cast<int64_t>(bytes.size());
+  header.set_size_bytes(total);
+  if (header.expected_digest().empty()) header.set_expected_digest(Sha256Digest(bytes));
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.timeout + absl::Seconds(static_cast<double>(total) / kChunk));
+  deltaserve::v1::PushDeltaResponse response;
+  std::unique_ptr<grpc::ClientWriter<deltaserve::v1::PushDeltaRequest>> writer = deltas_->PushDelta(&context, &response);
+  deltaserve::v1::PushDeltaRequest message;
+  *message.mutable_header() = std::move(header);
+  bool open = writer->Write(message);
+  for (size_t offset = 0; open && offset < bytes.size(); offset += kChunk) {
+    message.set_chunk(bytes.data() + offset, std::min(kChunk, bytes.size() - offset));
+    open = writer->Write(message);
+    if (open && progress) progress(static_cast<int64_t>(std::min(offset + kChunk, bytes.size())), total);
+  }
+  writer->WritesDone();  // a server that stopped reading early has its answer in Finish()
+  const grpc::Status status = writer->Finish();  // fills `response`: call it before reading it
+  return Finish(status, std::move(response));
+}
+
+absl::StatusOr<deltaserve::v1::GetDeltaResponse> DeltaserveClient::GetDelta(const std::string& tenant,
+                                                                             const std::string& ref) {
+  deltaserve::v1::GetDeltaRequest request;
+  request.set_tenant(tenant);
+  request.set_ref(ref);
+  return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::GetDelta, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::DeltaVersion> DeltaserveClient::PullDelta(const std::string& tenant,
+                                                                         const std::string& ref, std::string* bytes,
+                                                                         const Progress& progress) {
+  deltaserve::v1::PullDeltaRequest request;
+  request.set_tenant(tenant);
+  request.set_ref(ref);
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.timeout);
+  std::unique_ptr<grpc::ClientReader<deltaserve::v1::PullDeltaResponse>> reader = deltas_->PullDelta(&context, request);
+  deltaserve::v1::PullDeltaResponse message;
+  deltaserve::v1::DeltaVersion version;
+  while (reader->Read(&message)) {
+    if (message.has_version()) {
+      version = message.version();
+      bytes->reserve(bytes->size() + static_cast<size_t>(version.size_bytes()));
+    } else {
+      bytes->append(message.chunk());
+      if (progress) progress(static_cast<int64_t>(bytes->size()), version.size_bytes());
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  return Finish(status, std::move(version));
+}
+
+absl::StatusOr<deltaserve::v1::ListDeltasResponse> DeltaserveClient::ListDeltas(
+    const deltaserve::v1::ListDeltasRequest& request) {
+  return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::ListDeltas, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::SetLabelResponse> DeltaserveClient::SetLabel(
+    const deltaserve::v1::SetLabelRequest& request) {
+  return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::SetLabel, request, options_.timeout);
+}
+
+absl::Status DeltaserveClient::DeleteLabel(const deltaserve::v1::DeleteLabelRequest& request) {
+  return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::DeleteLabel, request, options_.timeout).status();
+}
+
+absl::Status DeltaserveClient::DeleteVersion(const deltaserve::v1::DeleteVersionRequest& request) {
+  return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::DeleteVersion, request, options_.timeout)
+      .status();
 }
 
 }  // namespace client

@@ -11,6 +11,10 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include <functional>
+
+#include "absl/strings/string_view.h"
+#include "deltaserve/v1/deltas.grpc.pb.h"
 #include "deltaserve/v1/inference.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -38,10 +42,28 @@ class DeltaserveClient {
   // Sentence embeddings of `texts` on the base model.
   absl::StatusOr<std::vector<std::vector<float>>> EmbedTexts(const std::vector<std::string>& texts);
 
+  // --- The delta store (deltaserve.v1.DeltaService) ---
+  // Called after each chunk is sent (or received): bytes so far, total bytes.
+  using Progress = std::function<void(int64_t done, int64_t total)>;
+  // Streams `bytes` as a pack of header.task (header.size_bytes and expected_digest are filled in). The deadline
+  // is the client's timeout plus one second per MiB.
+  absl::StatusOr<deltaserve::v1::PushDeltaResponse> PushDelta(deltaserve::v1::PushDeltaHeader header,
+                                                              absl::string_view bytes,
+                                                              const Progress& progress = nullptr);
+  absl::StatusOr<deltaserve::v1::GetDeltaResponse> GetDelta(const std::string& tenant, const std::string& ref);
+  // The version `ref` names and its bytes (appended to *bytes).
+  absl::StatusOr<deltaserve::v1::DeltaVersion> PullDelta(const std::string& tenant, const std::string& ref,
+                                                         std::string* bytes, const Progress& progress = nullptr);
+  absl::StatusOr<deltaserve::v1::ListDeltasResponse> ListDeltas(const deltaserve::v1::ListDeltasRequest& request);
+  absl::StatusOr<deltaserve::v1::SetLabelResponse> SetLabel(const deltaserve::v1::SetLabelRequest& request);
+  absl::Status DeleteLabel(const deltaserve::v1::DeleteLabelRequest& request);
+  absl::Status DeleteVersion(const deltaserve::v1::DeleteVersionRequest& request);
+
  private:
   const Options options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<deltaserve::v1::InferenceService::Stub> inference_;
+  std::unique_ptr<deltaserve::v1::DeltaService::Stub> deltas_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 

@@ -6,16 +6,32 @@
 //            [--truncation=truncate|error] [TEXT ...]
 //   deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]
 //       (no TEXT: one text per line from stdin)
+//   deltactl push FILE --task=T [--label=L1,L2]    a pack file becomes the task's next version
+//   deltactl pull REF [--output=FILE]              REF: task, task@3, task:prod, sha256:<hex>, tenant/task...
+//   deltactl show REF
+//   deltactl ls [--task=T]
+//   deltactl label TASK@VERSION LABEL              point LABEL at a version
+//   deltactl rm TASK@VERSION | TASK:LABEL          delete a version, or a label
 //
-// Output is JSON on stdout; errors go to stderr as "deltactl: CODE: message" with exit code 1 (2 for usage).
+// embed / classify / info print JSON; the store commands print a short text for people, JSON with --json.
+// Errors go to stderr as "deltactl: CODE: message" with exit code 1 (2 for usage).
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
@@ -28,9 +44,15 @@ ABSL_FLAG(bool, tokens, false, "embed: also print per-token embeddings.");
 ABSL_FLAG(bool, ids, false, "embed: also print the token ids.");
 ABSL_FLAG(std::string, truncation, "", "embed: 'truncate' or 'error' for over-long inputs (default: server's).");
 ABSL_FLAG(bool, pretty, false, "Indent the JSON output.");
-ABSL_FLAG(std::string, task, "", "embed / classify: the task (delta pack) to run with; empty = the base model.");
+ABSL_FLAG(std::string, task, "",
+          "embed / classify: the task (delta pack) to run with (also task@3, task:prod); empty = the base model. "
+          "push: the task the pack becomes a version of. ls: only this task.");
 ABSL_FLAG(std::string, digest, "", "embed / classify: the delta pack by content digest (sha256:<hex>).");
 ABSL_FLAG(int, top_k, 0, "classify: labels per input, best first (0 = all).");
+ABSL_FLAG(std::vector<std::string>, label, {}, "push: labels to point at the new version (comma separated).");
+ABSL_FLAG(std::string, output, "", "pull: the file to write (\"-\" = stdout; default <task>.v<version>.dpack).");
+ABSL_FLAG(bool, json, false, "push / pull / show / ls / label / rm: print JSON (for scripts).");
+ABSL_FLAG(bool, progress, true, "push / pull: draw a progress bar when stderr is a terminal.");
 
 namespace {
 
@@ -41,7 +63,14 @@ constexpr char kUsage[] =
     "  deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]\n"
     "           [--truncation=truncate|error] [TEXT ...]\n"
     "  deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]\n"
-    "      (without TEXT, reads one text per line from stdin)\n";
+    "      (without TEXT, reads one text per line from stdin)\n"
+    "  deltactl push FILE --task=T [--label=L1,L2]   (the pack becomes T's next version)\n"
+    "  deltactl pull REF [--output=FILE]             (REF: task, task@3, task:prod, sha256:<hex>, tenant/task)\n"
+    "  deltactl show REF\n"
+    "  deltactl ls [--task=T]\n"
+    "  deltactl label TASK@VERSION LABEL\n"
+    "  deltactl rm TASK@VERSION | TASK:LABEL\n"
+    "  store commands print text; add --json for scripts\n";
 
 int Fail(const absl::Status& status) {
   std::cerr << "deltactl: " << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
@@ -177,6 +206,228 @@ int Embed(deltaserve::client::DeltaserveClient& client, std::vector<std::string>
   return 0;
 }
 
+// --- The delta store ---
+
+nlohmann::json VersionJson(const deltaserve::v1::DeltaVersion& v) {
+  return {{"tenant", v.tenant()},
+          {"task", v.task()},
+          {"version", v.version()},
+          {"digest", v.digest()},
+          {"size_bytes", v.size_bytes()},
+          {"created", absl::FormatTime(absl::RFC3339_sec, absl::FromUnixMicros(v.created_unix_micros()),
+                                       absl::UTCTimeZone())},
+          {"labels", std::vector<std::string>(v.labels().begin(), v.labels().end())}};
+}
+
+nlohmann::json PackJson(const deltaserve::v1::DeltaPackSummary& p) {
+  nlohmann::json j = {{"name", p.name()},
+                      {"methods", std::vector<std::string>(p.methods().begin(), p.methods().end())},
+                      {"backbone_fingerprint", p.backbone_fingerprint()}};
+  if (!p.head_kind().empty()) {
+    j["head"] = {{"kind", p.head_kind()},
+                 {"labels", std::vector<std::string>(p.head_labels().begin(), p.head_labels().end())}};
+  }
+  return j;
+}
+
+std::string HumanBytes(int64_t n) {
+  if (n < 1024) return absl::StrCat(n, " B");
+  if (n < (1 << 20)) return absl::StrFormat("%.1f KiB", n / 1024.0);
+  return absl::StrFormat("%.1f MiB", n / 1048576.0);
+}
+
+// "tenant/task@3" for people.
+std::string VersionName(const deltaserve::v1::DeltaVersion& v) {
+  return absl::StrCat(v.tenant(), "/", v.task(), "@", v.version());
+}
+
+// A progress bar on stderr, drawn only when stderr is a terminal.
+deltaserve::client::DeltaserveClient::Progress ProgressBar(const std::string& what) {
+  if (!absl::GetFlag(FLAGS_progress) || !::isatty(2)) return nullptr;
+  return [what, start = absl::Now()](int64_t done, int64_t total) {
+    const double fraction = total > 0 ? static_cast<double>(done) / static_cast<double>(total) : 1.0;
+    const int width = 30, filled = static_cast<int>(fraction * width);
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    std::fprintf(stderr, "\r%s [%s%s] %3.0f%% %s  %.1f MiB/s", what.c_str(), std::string(filled, '#').c_str(),
+                 std::string(width - filled, '.').c_str(), fraction * 100, HumanBytes(done).c_str(),
+                 seconds > 0 ? done / 1048576.0 / seconds : 0.0);
+    if (done >= total) std::fprintf(stderr, "\n");
+  };
+}
+
+// "[tenant/]task@N" or "[tenant/]task:label" split into tenant, task and the selector; false when malformed.
+bool SplitTaskRef(const std::string& ref, std::string* tenant, std::string* task, int64_t* version,
+                  std::string* label) {
+  std::string rest = ref;
+  if (const size_t slash = rest.find('/'); slash != std::string::npos) {
+    *tenant = rest.substr(0, slash);
+    rest = rest.substr(slash + 1);
+  }
+  if (const size_t at = rest.find('@'); at != std::string::npos) {
+    *task = rest.substr(0, at);
+    return absl::SimpleAtoi(rest.substr(at + 1), version) && *version > 0 && !task->empty();
+  }
+  if (const size_t colon = rest.find(':'); colon != std::string::npos) {
+    *task = rest.substr(0, colon);
+    *label = rest.substr(colon + 1);
+    return !task->empty() && !label->empty();
+  }
+  return false;
+}
+
+int Push(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  if (args.size() != 1 || absl::GetFlag(FLAGS_task).empty()) {
+    std::cerr << "deltactl: push FILE --task=T [--label=L1,L2]\n";
+    return 2;
+  }
+  std::ifstream in(args[0], std::ios::binary);
+  if (!in) return Fail(absl::NotFoundError(absl::StrCat("cannot read ", args[0])));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  const std::string bytes = buffer.str();
+  deltaserve::v1::PushDeltaHeader header;
+  header.set_tenant(absl::GetFlag(FLAGS_tenant));
+  header.set_task(absl::GetFlag(FLAGS_task));
+  for (const std::string& label : absl::GetFlag(FLAGS_label)) header.add_labels(label);
+  auto response = client.PushDelta(header, bytes, ProgressBar("push " + args[0]));
+  if (!response.ok()) return Fail(response.status());
+  if (absl::GetFlag(FLAGS_json)) {
+    Print({{"version", VersionJson(response->version())},
+           {"created", response->created()},
+           {"uploaded_digest", response->uploaded_digest()},
+           {"pack", PackJson(response->pack())}});
+    return 0;
+  }
+  const auto& v = response->version();
+  std::cout << (response->created() ? "pushed " : "already stored as ") << VersionName(v) << "  " << v.digest()
+            << "  " << HumanBytes(v.size_bytes()) << "  " << absl::StrJoin(response->pack().methods(), "+")
+            << "  labels: " << absl::StrJoin(v.labels(), ", ") << "\n";
+  return 0;
+}
+
+int Pull(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  if (args.size() != 1) {
+    std::cerr << "deltactl: pull REF [--output=FILE]\n";
+    return 2;
+  }
+  std::string bytes;
+  auto version = client.PullDelta(absl::GetFlag(FLAGS_tenant), args[0], &bytes, ProgressBar("pull " + args[0]));
+  if (!version.ok()) return Fail(version.status());
+  std::string output = absl::GetFlag(FLAGS_output);
+  if (output.empty()) {
+    output = version->task().empty() ? absl::StrCat(version->digest().substr(7, 12), ".dpack")
+                                     : absl::StrCat(version->task(), ".v", version->version(), ".dpack");
+  }
+  if (output == "-") {
+    std::cout.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    return 0;
+  }
+  std::ofstream out(output, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  if (!out) return Fail(absl::InternalError(absl::StrCat("cannot write ", output)));
+  if (absl::GetFlag(FLAGS_json)) {
+    Print({{"version", VersionJson(*version)}, {"file", output}});
+  } else {
+    std::cout << "pulled " << VersionName(*version) << "  " << version->digest() << " -> " << output << "\n";
+  }
+  return 0;
+}
+
+int Show(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  if (args.size() != 1) {
+    std::cerr << "deltactl: show REF\n";
+    return 2;
+  }
+  auto response = client.GetDelta(absl::GetFlag(FLAGS_tenant), args[0]);
+  if (!response.ok()) return Fail(response.status());
+  const nlohmann::json j = {{"version", VersionJson(response->version())}, {"pack", PackJson(response->pack())}};
+  std::cout << (absl::GetFlag(FLAGS_json) && !absl::GetFlag(FLAGS_pretty) ? j.dump() : j.dump(2)) << "\n";
+  return 0;
+}
+
+int List(deltaserve::client::DeltaserveClient& client) {
+  deltaserve::v1::ListDeltasRequest request;
+  request.set_tenant(absl::GetFlag(FLAGS_tenant));
+  request.set_task(absl::GetFlag(FLAGS_task));
+  request.set_page_size(1000);
+  std::vector<deltaserve::v1::DeltaVersion> versions;
+  do {
+    auto page = client.ListDeltas(request);
+    if (!page.ok()) return Fail(page.status());
+    versions.insert(versions.end(), page->versions().begin(), page->versions().end());
+    request.set_page_token(page->next_page_token());
+  } while (!request.page_token().empty());
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& v : versions) out.push_back(VersionJson(v));
+    Print(out);
+    return 0;
+  }
+  std::printf("%-24s %7s  %-19s  %10s  %-20s  %s\n", "TASK", "VERSION", "DIGEST", "SIZE", "CREATED", "LABELS");
+  for (const auto& v : versions) {
+    std::printf("%-24s %7lld  %-19s  %10s  %-20s  %s\n", v.task().c_str(), static_cast<long long>(v.version()),
+                v.digest().substr(0, 19).c_str(), HumanBytes(v.size_bytes()).c_str(),
+                absl::FormatTime("%Y-%m-%d %H:%M:%S", absl::FromUnixMicros(v.created_unix_micros()),
+                                 absl::UTCTimeZone())
+                    .c_str(),
+                absl::StrJoin(v.labels(), ",").c_str());
+  }
+  return 0;
+}
+
+int Label(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  std::string tenant = absl::GetFlag(FLAGS_tenant), task, label;
+  int64_t version = 0;
+  if (args.size() != 2 || !SplitTaskRef(args[0], &tenant, &task, &version, &label) || version == 0) {
+    std::cerr << "deltactl: label TASK@VERSION LABEL\n";
+    return 2;
+  }
+  deltaserve::v1::SetLabelRequest request;
+  request.set_tenant(tenant);
+  request.set_task(task);
+  request.set_version(version);
+  request.set_label(args[1]);
+  auto response = client.SetLabel(request);
+  if (!response.ok()) return Fail(response.status());
+  if (absl::GetFlag(FLAGS_json)) {
+    Print({{"version", VersionJson(response->version())}});
+  } else {
+    std::cout << args[1] << " -> " << VersionName(response->version()) << "\n";
+  }
+  return 0;
+}
+
+int Remove(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  std::string tenant = absl::GetFlag(FLAGS_tenant), task, label;
+  int64_t version = 0;
+  if (args.size() != 1 || !SplitTaskRef(args[0], &tenant, &task, &version, &label)) {
+    std::cerr << "deltactl: rm TASK@VERSION | TASK:LABEL\n";
+    return 2;
+  }
+  absl::Status status;
+  if (version > 0) {
+    deltaserve::v1::DeleteVersionRequest request;
+    request.set_tenant(tenant);
+    request.set_task(task);
+    request.set_version(version);
+    status = client.DeleteVersion(request);
+  } else {
+    deltaserve::v1::DeleteLabelRequest request;
+    request.set_tenant(tenant);
+    request.set_task(task);
+    request.set_label(label);
+    status = client.DeleteLabel(request);
+  }
+  if (!status.ok()) return Fail(status);
+  if (absl::GetFlag(FLAGS_json)) {
+    Print({{"deleted", args[0]}});
+  } else {
+    std::cout << "deleted " << args[0] << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -194,7 +445,14 @@ int main(int argc, char** argv) {
   if (command == "health") return Health(client);
   if (command == "info") return Info(client);
   if (command == "embed") return Embed(client, std::vector<std::string>(args.begin() + 2, args.end()));
-  if (command == "classify") return Classify(client, std::vector<std::string>(args.begin() + 2, args.end()));
+  const std::vector<std::string> rest(args.begin() + 2, args.end());
+  if (command == "classify") return Classify(client, rest);
+  if (command == "push") return Push(client, rest);
+  if (command == "pull") return Pull(client, rest);
+  if (command == "show") return Show(client, rest);
+  if (command == "ls") return List(client);
+  if (command == "label") return Label(client, rest);
+  if (command == "rm") return Remove(client, rest);
   std::cerr << "deltactl: unknown command '" << command << "'\n" << kUsage;
   return 2;
 }

@@ -21,8 +21,16 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC listen address (host:por
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics HTTP address (host:port; empty disables it).");
 ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory (config.json, model.safetensors, vocab).");
+ABSL_FLAG(std::string, store_dir, "",
+          "Delta store directory (created if missing; docs/STORE.md). Empty = an in-memory store, lost at exit.");
 ABSL_FLAG(std::string, delta_dir, "",
-          "Directory of delta packs (<task>.dpack, or <tenant>/<task>.dpack) served by task name; empty = none.");
+          "Directory of pack files (<task>.dpack, or <tenant>/<task>.dpack) pushed into the store at start.");
+ABSL_FLAG(int64_t, max_pack_bytes, int64_t{256} << 20, "Largest delta pack accepted (push, import, load).");
+ABSL_FLAG(int64_t, tenant_store_bytes, 0, "Per-tenant quota: bytes of distinct packs stored (0 = unlimited).");
+ABSL_FLAG(int64_t, tenant_store_versions, 0, "Per-tenant quota: pack versions stored (0 = unlimited).");
+ABSL_FLAG(bool, verify_every_read, false,
+          "Check a stored pack's digest on every read (true) or on its first read since start (false).");
+ABSL_FLAG(int64_t, delta_cache_bytes, int64_t{1} << 30, "Loaded delta packs kept for reuse, in bytes.");
 ABSL_FLAG(std::string, device, "cpu", "Device for the model: cpu, cuda, cuda:N.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
@@ -69,7 +77,13 @@ int main(int argc, char** argv) {
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
+  options.store_dir = absl::GetFlag(FLAGS_store_dir);
   options.delta_dir = absl::GetFlag(FLAGS_delta_dir);
+  options.store.max_blob_bytes = absl::GetFlag(FLAGS_max_pack_bytes);
+  options.store.quotas.default_quota.max_bytes = absl::GetFlag(FLAGS_tenant_store_bytes);
+  options.store.quotas.default_quota.max_versions = absl::GetFlag(FLAGS_tenant_store_versions);
+  options.store.verify_every_read = absl::GetFlag(FLAGS_verify_every_read);
+  options.deltas.cache_bytes = absl::GetFlag(FLAGS_delta_cache_bytes);
   options.model.device = absl::GetFlag(FLAGS_device);
   options.model.dtype = absl::GetFlag(FLAGS_dtype);
   options.engine.max_inputs_per_request = absl::GetFlag(FLAGS_max_inputs_per_request);

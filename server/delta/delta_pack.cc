@@ -282,14 +282,16 @@ absl::StatusOr<PackContents> ParsePack(absl::string_view bytes, const PackLimits
 }
 
 absl::StatusOr<std::shared_ptr<const DeltaPack>> DeltaPack::Load(absl::string_view bytes, const model::Model& model,
-                                                                 const PackLimits& limits) {
+                                                                 const PackLimits& limits,
+                                                                 std::string* canonical_bytes) {
   DS_ASSIGN_OR_RETURN(PackContents contents, ParsePack(bytes, limits));
-  return FromContents(std::move(contents), model, limits);
+  return FromContents(std::move(contents), model, limits, canonical_bytes);
 }
 
 absl::StatusOr<std::shared_ptr<const DeltaPack>> DeltaPack::FromContents(PackContents contents,
                                                                          const model::Model& model,
-                                                                         const PackLimits& limits) {
+                                                                         const PackLimits& limits,
+                                                                         std::string* canonical_bytes) {
   DS_RETURN_IF_ERROR(CheckManifest(contents.manifest));
   const model::ModelInfo& info = model.info();
   if (contents.manifest.backbone_fingerprint != info.fingerprint) {
@@ -338,6 +340,7 @@ absl::StatusOr<std::shared_ptr<const DeltaPack>> DeltaPack::FromContents(PackCon
   pack->digest_ = Sha256Digest(bytes);
   pack->serialized_bytes_ = static_cast<int64_t>(bytes.size());
   pack->manifest_ = std::move(canonical.manifest);
+  if (canonical_bytes != nullptr) *canonical_bytes = std::move(bytes);
   return std::shared_ptr<const DeltaPack>(std::move(pack));
 }
 

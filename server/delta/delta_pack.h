@@ -72,12 +72,16 @@ class DeltaPack {
  public:
   // Parses `bytes` and binds every method and the head to `model` (CreateMethod / Head::Create). The pack's
   // backbone fingerprint must equal the model's: otherwise FAILED_PRECONDITION naming both fingerprints.
+  // When `canonical_bytes` is non-null it receives the pack's canonical bytes (what the store keeps: their
+  // sha256 is digest()), which differ from `bytes` when those were not in canonical form.
   static absl::StatusOr<std::shared_ptr<const DeltaPack>> Load(absl::string_view bytes, const model::Model& model,
-                                                                const PackLimits& limits);
+                                                                const PackLimits& limits,
+                                                                std::string* canonical_bytes = nullptr);
   // Binds already-parsed contents (e.g. from a PEFT import or a trainer) to `model`; same checks as Load.
   static absl::StatusOr<std::shared_ptr<const DeltaPack>> FromContents(PackContents contents,
                                                                         const model::Model& model,
-                                                                        const PackLimits& limits);
+                                                                        const PackLimits& limits,
+                                                                        std::string* canonical_bytes = nullptr);
 
   // "sha256:<hex>" of the canonical bytes.
   const std::string& digest() const { return digest_; }

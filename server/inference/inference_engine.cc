@@ -62,7 +62,7 @@ absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> InferenceEngine::Resolve
   if (task.empty()) return std::shared_ptr<const delta::DeltaPack>();
   if (resolver_ == nullptr) {
     return absl::FailedPreconditionError(
-        "this server serves no deltas (start it with --delta_dir): leave `task` unset to use the base model");
+        "this engine serves no deltas (it has no delta store): leave `task` unset to use the base model");
   }
   return resolver_->Resolve(tenant, task);
 }

@@ -88,6 +88,10 @@ ServerMetrics::ServerMetrics()
                         .Name("deltaserve_queue_dropped_rows_total")
                         .Help("Queued rows dropped uncomputed because their request ended, by reason.")
                         .Register(*registry_)),
+      store_bytes_(prometheus::BuildCounter()
+                       .Name("deltaserve_delta_store_bytes_total")
+                       .Help("Delta pack bytes received (direction=push) and sent (direction=pull) by the Deltas API.")
+                       .Register(*registry_)),
       model_load_seconds_(prometheus::BuildGauge()
                               .Name("deltaserve_model_load_seconds")
                               .Help("Time it took to load the served model at start.")
@@ -106,6 +110,10 @@ void ServerMetrics::RecordRequest(const std::string& rpc, absl::StatusCode code,
 void ServerMetrics::RecordInputs(int64_t inputs, int64_t tokens) {
   inputs_.Increment(static_cast<double>(inputs));
   tokens_.Increment(static_cast<double>(tokens));
+}
+
+void ServerMetrics::RecordStoreBytes(bool push, int64_t bytes) {
+  store_bytes_.Add({{"direction", push ? "push" : "pull"}}).Increment(static_cast<double>(bytes));
 }
 
 void ServerMetrics::SetModelLoadSeconds(double seconds) { model_load_seconds_.Set(seconds); }

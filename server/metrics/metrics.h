@@ -31,6 +31,8 @@ class ServerMetrics : public batching::BatcherObserver {
   void RecordRequest(const std::string& rpc, absl::StatusCode code, absl::Duration latency);
   // Inputs (texts or id lists) and tokens processed by Embed.
   void RecordInputs(int64_t inputs, int64_t tokens);
+  // Bytes moved by the Deltas API: deltaserve_delta_store_bytes_total{direction="push"|"pull"}.
+  void RecordStoreBytes(bool push, int64_t bytes);
   void SetModelLoadSeconds(double seconds);
   void SetModelInfo(const std::string& family, const std::string& dtype, const std::string& device,
                     const std::string& blas, int64_t parameters);
@@ -60,6 +62,7 @@ class ServerMetrics : public batching::BatcherObserver {
   prometheus::Counter& real_tokens_;
   prometheus::Gauge& queue_depth_;
   prometheus::Family<prometheus::Counter>& dropped_rows_;
+  prometheus::Family<prometheus::Counter>& store_bytes_;
   prometheus::Gauge& model_load_seconds_;
   prometheus::Family<prometheus::Gauge>& model_info_;
 };

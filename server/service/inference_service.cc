@@ -185,7 +185,7 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
   response->set_blas(facts_.blas);
   response->set_intra_op_threads(facts_.intra_op_threads);
   response->set_model_load_seconds(facts_.model_load_seconds);
-  response->set_num_deltas(facts_.num_deltas);
+  response->set_num_deltas(facts_.num_deltas());
   metrics_->RecordRequest("GetModelInfo", absl::StatusCode::kOk, absl::Now() - start);
   return grpc::Status::OK;
 }

@@ -6,6 +6,7 @@
 #ifndef DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 #define DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 
+#include <functional>
 #include <string>
 
 #include "deltaserve/v1/inference.grpc.pb.h"
@@ -23,7 +24,8 @@ struct ServerFacts {
   int intra_op_threads = 0;
   double model_load_seconds = 0;
   int64_t max_receive_message_bytes = 0;
-  int num_deltas = 0;
+  // Delta packs loaded now.
+  std::function<int()> num_deltas = [] { return 0; };
 };
 
 class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Service {

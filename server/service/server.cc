@@ -1,5 +1,6 @@
 #include "server/service/server.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +14,8 @@
 #include "server/metrics/http_server.h"
 #include "server/metrics/metrics.h"
 #include "server/model/model_loader.h"
+#include "delta_store/memory_store.h"
+#include "server/service/delta_service.h"
 #include "server/service/inference_service.h"
 #include "server/service/parse_error_interceptor.h"
 #include "server/service/version.h"
@@ -36,16 +39,27 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->metrics_->SetModelLoadSeconds(load_seconds);
   server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
 
+  if (options.store_dir.empty()) {
+    store::MemoryStoreOptions memory;
+    memory.max_blob_bytes = options.store.max_blob_bytes;
+    memory.quotas = options.store.quotas;
+    server->store_ = store::NewMemoryStore(memory);
+    DS_LOG(WARNING) << "no --store_dir: delta packs are kept in memory and lost when the server stops";
+  } else {
+    DS_ASSIGN_OR_RETURN(server->store_, store::OpenFileSystemStore(options.store_dir, options.store));
+    DS_LOG(INFO) << "delta store at " << options.store_dir;
+  }
+  deltas::DeltaManager::Options delta_options = options.deltas;
+  delta_options.limits.max_bytes = std::min(delta_options.limits.max_bytes, options.store.max_blob_bytes);
+  server->deltas_ = std::make_unique<deltas::DeltaManager>(server->store_.get(), server->model_.get(), delta_options);
   if (!options.delta_dir.empty()) {
-    inference::DirectoryDeltaResolver::LoadReport report;
-    DS_ASSIGN_OR_RETURN(server->resolver_, inference::DirectoryDeltaResolver::Create(
-                                               options.delta_dir, *server->model_, {}, &report));
-    DS_LOG(INFO) << "loaded " << report.loaded << " delta packs from " << options.delta_dir
+    DS_ASSIGN_OR_RETURN(const deltas::ImportReport report, server->deltas_->ImportDirectory(options.delta_dir));
+    DS_LOG(INFO) << "imported " << report.imported << " delta packs from " << options.delta_dir
                  << (report.failed.empty() ? "" : absl::StrCat(" (", report.failed.size(), " skipped, see above)"));
   }
   DS_ASSIGN_OR_RETURN(server->engine_,
                       inference::InferenceEngine::Create(server->model_, options.engine, server->metrics_.get(),
-                                                         server->resolver_.get()));
+                                                         server->deltas_.get()));
 
   ServerFacts facts;
   facts.server_version = kDeltaserveVersion;
@@ -54,7 +68,7 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   facts.intra_op_threads = options.intra_op_threads;
   facts.model_load_seconds = load_seconds;
   facts.max_receive_message_bytes = options.max_receive_message_bytes;
-  facts.num_deltas = server->resolver_ ? server->resolver_->num_packs() : 0;
+  facts.num_deltas = [d = server->deltas_.get()] { return d->num_packs(); };
   server->inference_service_ =
       std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts);
 
@@ -64,7 +78,11 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &server->port_);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(-1);
+  server->delta_service_ = std::make_unique<DeltaServiceImpl>(
+      server->deltas_.get(), server->metrics_.get(),
+      DeltaServiceImpl::Options{delta_options.limits.max_bytes});
   builder.RegisterService(server->inference_service_.get());
+  builder.RegisterService(server->delta_service_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ParseErrorInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -81,6 +99,7 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   }
   server->server_->GetHealthCheckService()->SetServingStatus(true);
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.InferenceService", true);
+  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.DeltaService", true);
   DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_ << ")"
                << (server->metrics_http_ ? absl::StrCat(", metrics on http://", options.metrics_address,
                                                         "/metrics (port ", server->metrics_http_->port(), ")")

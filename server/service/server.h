@@ -1,5 +1,5 @@
 // DeltaServer: the whole deltaserve process minus flag parsing: loads the model, builds the inference engine,
-// starts the gRPC server (InferenceService, grpc.health.v1, reflection) and the metrics HTTP endpoint, and shuts
+// opens the delta store, starts the gRPC server (InferenceService, DeltaService, grpc.health.v1, reflection) and the metrics HTTP endpoint, and shuts
 // all of it down gracefully.
 //
 // Owns every component it starts. Thread-safe: Shutdown() may be called from any thread (e.g. a signal thread)
@@ -14,6 +14,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "delta_store/fs_store.h"
+#include "delta_store/store.h"
+#include "server/deltas/delta_manager.h"
 #include "server/inference/inference_engine.h"
 #include "server/model/model.h"
 
@@ -29,6 +32,7 @@ class MetricsHttpServer;
 namespace service {
 
 class InferenceServiceImpl;
+class DeltaServiceImpl;
 
 class DeltaServer {
  public:
@@ -39,7 +43,15 @@ class DeltaServer {
     std::string metrics_address = "127.0.0.1:9464";
     // The model directory (docs/MODELS.md).
     std::string model_dir = "models/use-lite";
-    // Directory of delta packs served by task name ("" = none); see inference/delta_resolver.h.
+    // The delta store's directory (docs/STORE.md); "" = an in-memory store (packs are lost at exit).
+    std::string store_dir;
+    // The delta store: quotas, blob size limit, read verification. `store.max_blob_bytes` is also the largest
+    // push.
+    store::FileSystemStoreOptions store;
+    // Delta packs and loaded-pack cache.
+    deltas::DeltaManager::Options deltas;
+    // Directory of pack files pushed into the store at start ("" = none): <dir>/<task>.dpack for the default
+    // tenant, <dir>/<tenant>/<task>.dpack; a file already stored as a version of its task adds nothing.
     std::string delta_dir;
     // Device and compute dtype of the model.
     model::ModelOptions model;
@@ -73,9 +85,11 @@ class DeltaServer {
   Options options_;
   std::shared_ptr<const model::Model> model_;
   std::unique_ptr<metrics::ServerMetrics> metrics_;
-  std::unique_ptr<inference::DeltaResolver> resolver_;
+  std::unique_ptr<store::DeltaStore> store_;
+  std::unique_ptr<deltas::DeltaManager> deltas_;
   std::unique_ptr<inference::InferenceEngine> engine_;
   std::unique_ptr<InferenceServiceImpl> inference_service_;
+  std::unique_ptr<DeltaServiceImpl> delta_service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<metrics::MetricsHttpServer> metrics_http_;
   int port_ = 0;

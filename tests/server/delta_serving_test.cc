@@ -1,4 +1,5 @@
-// Integration: a real deltaserve serving delta packs from --delta_dir, called over gRPC. Each result must equal
+// Integration: a real deltaserve serving delta packs imported from --delta_dir into its (in-memory) store, called
+// over gRPC. Each result must equal
 // the in-process forward of the same pack; tasks of different tenants stay apart; bad packs are skipped at start.
 #include <fstream>
 #include <thread>
@@ -261,13 +262,15 @@ TEST_F(DeltaServingTest, AnswersClearErrorsForBadTaskReferences) {
     std::string message;
   };
   const std::vector<Case> cases = {
-      {"", "no-such-task", "", "", absl::StatusCode::kNotFound, "no task \"no-such-task\""},
-      {"", "topic", "", "", absl::StatusCode::kNotFound, "no task \"topic\""},  // acme's task, not ours
-      {"globex", "sentiment", "", "", absl::StatusCode::kNotFound, "tenant \"globex\""},
-      {"", "Bad/Name", "", "", absl::StatusCode::kInvalidArgument, "task name"},
+      {"", "no-such-task", "", "", absl::StatusCode::kNotFound, "default/no-such-task has no versions"},
+      {"", "topic", "", "", absl::StatusCode::kNotFound, "default/topic has no versions"},  // acme's, not ours
+      {"globex", "sentiment", "", "", absl::StatusCode::kNotFound, "globex/sentiment has no versions"},
+      {"", "Bad/Name", "", "", absl::StatusCode::kInvalidArgument, "reference \"Bad/Name\""},
       {"", "", "sha256:xyz", "", absl::StatusCode::kInvalidArgument, "not sha256"},
-      {"", "", "sha256:" + std::string(64, '0'), "", absl::StatusCode::kNotFound, "no delta pack"},
-      {"", "sentiment", "", "prod", absl::StatusCode::kFailedPrecondition, "labels need the delta store"},
+      {"", "", "sha256:" + std::string(64, '0'), "", absl::StatusCode::kNotFound, "is not a version of any task"},
+      {"", "sentiment", "", "prod", absl::StatusCode::kNotFound, "has no label \"prod\""},
+      {"", "sentiment@latest", "", "", absl::StatusCode::kInvalidArgument, "version"},
+      {"acme", "globex/topic", "", "", absl::StatusCode::kInvalidArgument, "names tenant \"globex\""},
   };
   for (const Case& c : cases) {
     pb::EmbedRequest request;

@@ -202,7 +202,7 @@ TEST_F(InferenceEngineTest, RejectsBadRequestsWithMessagesNamingTheInput) {
     EmbedRequest r;
     r.texts = {"a"};
     r.task.label = "prod";
-    cases.push_back({r, absl::StatusCode::kFailedPrecondition, "--delta_dir"});
+    cases.push_back({r, absl::StatusCode::kFailedPrecondition, "no delta store"});
   }
   for (const Case& c : cases) {
     auto r = engine->Embed(c.request, {});

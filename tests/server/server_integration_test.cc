@@ -287,14 +287,14 @@ TEST_F(ServerIntegrationTest, RejectsInvalidUtf8) {
   EXPECT_EQ(*client_->Health(), "SERVING");
 }
 
-TEST_F(ServerIntegrationTest, AnswersFailedPreconditionForATaskReference) {
+TEST_F(ServerIntegrationTest, AnswersNotFoundForATaskNoPackWasPushedTo) {
   pb::EmbedRequest request;
   request.add_texts("hello");
   request.mutable_task()->set_task("sentiment");
   request.mutable_task()->set_label("prod");
   auto r = client_->Embed(request);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(r.status().message(), HasSubstr("--delta_dir"));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(r.status().message(), HasSubstr("default/sentiment has no versions"));
 }
 
 TEST_F(ServerIntegrationTest, ServesPrometheusMetricsThatPromtoolAccepts) {

@@ -1,0 +1,184 @@
+#include "server/service/delta_service.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/service/grpc_status.h"
+
+namespace deltaserve {
+namespace service {
+namespace {
+
+namespace pb = ::deltaserve::v1;
+
+void ToProto(const store::VersionInfo& in, pb::DeltaVersion* out) {
+  out->set_tenant(in.tenant);
+  out->set_task(in.task);
+  out->set_version(in.version);
+  out->set_digest(in.digest);
+  out->set_size_bytes(in.size);
+  out->set_created_unix_micros(absl::ToUnixMicros(in.created));
+  for (const std::string& label : in.labels) out->add_labels(label);
+}
+
+void ToProto(const deltas::PackSummary& in, pb::DeltaPackSummary* out) {
+  out->set_name(in.name);
+  for (const std::string& m : in.methods) out->add_methods(m);
+  out->set_backbone_fingerprint(in.backbone_fingerprint);
+  out->set_backbone_family(in.backbone_family);
+  out->set_head_kind(in.head_kind);
+  for (const std::string& l : in.head_labels) out->add_head_labels(l);
+  out->set_description(in.description);
+}
+
+}  // namespace
+
+DeltaServiceImpl::DeltaServiceImpl(deltas::DeltaManager* manager, metrics::ServerMetrics* metrics,
+                                   const Options& options)
+    : manager_(manager), metrics_(metrics), options_(options) {}
+
+grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
+                                         grpc::ServerReader<pb::PushDeltaRequest>* reader,
+                                         pb::PushDeltaResponse* response) {
+  const absl::Time start = absl::Now();
+  // Reads the stream: a header, then chunks, bounded by max_push_bytes (checked before each chunk is kept).
+  auto receive = [&](deltas::PushRequest* request, std::string* bytes) -> absl::Status {
+    pb::PushDeltaRequest message;
+    if (!reader->Read(&message) || message.part_case() != pb::PushDeltaRequest::kHeader) {
+      return absl::InvalidArgumentError("PushDelta: the first message must carry the header (tenant, task)");
+    }
+    const pb::PushDeltaHeader& header = message.header();
+    request->tenant = header.tenant();
+    request->task = header.task();
+    request->expected_digest = header.expected_digest();
+    request->labels.assign(header.labels().begin(), header.labels().end());
+    if (header.size_bytes() < 0 || header.size_bytes() > options_.max_push_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat("PushDelta: a pack of ", header.size_bytes(),
+                                                       " bytes is over this server's limit of ",
+                                                       options_.max_push_bytes, " bytes"));
+    }
+    bytes->reserve(static_cast<size_t>(header.size_bytes()));
+    while (reader->Read(&message)) {
+      if (message.part_case() != pb::PushDeltaRequest::kChunk) {
+        return absl::InvalidArgumentError("PushDelta: only the first message may carry a header");
+      }
+      if (static_cast<int64_t>(bytes->size() + message.chunk().size()) > options_.max_push_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat("PushDelta: the pack is over this server's limit of ",
+                                                         options_.max_push_bytes, " bytes"));
+      }
+      bytes->append(message.chunk());
+    }
+    if (context->IsCancelled()) return absl::CancelledError("PushDelta: the client cancelled the upload");
+    if (header.size_bytes() != 0 && static_cast<int64_t>(bytes->size()) != header.size_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat("PushDelta: the header announced ", header.size_bytes(),
+                                                     " bytes but ", bytes->size(), " arrived"));
+    }
+    if (bytes->empty()) return absl::InvalidArgumentError("PushDelta: no pack bytes after the header");
+    return absl::OkStatus();
+  };
+  deltas::PushRequest request;
+  std::string bytes;
+  absl::Status status = receive(&request, &bytes);
+  if (status.ok()) {
+    metrics_->RecordStoreBytes(/*push=*/true, static_cast<int64_t>(bytes.size()));
+    absl::StatusOr<deltas::PushResult> result = manager_->Push(request, bytes);
+    status = result.status();
+    if (result.ok()) {
+      ToProto(result->version, response->mutable_version());
+      response->set_created(result->created);
+      response->set_uploaded_digest(result->uploaded_digest);
+      ToProto(result->pack, response->mutable_pack());
+    }
+  }
+  metrics_->RecordRequest("PushDelta", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status DeltaServiceImpl::GetDelta(grpc::ServerContext* context, const pb::GetDeltaRequest* request,
+                                        pb::GetDeltaResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<deltas::PackDescription> result = manager_->Get(request->tenant(), request->ref());
+  if (result.ok()) {
+    ToProto(result->version, response->mutable_version());
+    ToProto(result->pack, response->mutable_pack());
+  }
+  metrics_->RecordRequest("GetDelta", result.status().code(), absl::Now() - start);
+  return ToGrpcStatus(result.status());
+}
+
+grpc::Status DeltaServiceImpl::PullDelta(grpc::ServerContext* context, const pb::PullDeltaRequest* request,
+                                         grpc::ServerWriter<pb::PullDeltaResponse>* writer) {
+  const absl::Time start = absl::Now();
+  auto send = [&]() -> absl::Status {
+    if (request->chunk_bytes() < 0) return absl::InvalidArgumentError("PullDelta: chunk_bytes must be >= 0");
+    const size_t chunk = static_cast<size_t>(request->chunk_bytes() == 0
+                                                 ? options_.default_chunk_bytes
+                                                 : std::min(request->chunk_bytes(), options_.default_chunk_bytes));
+    auto opened = manager_->OpenPull(request->tenant(), request->ref());
+    if (!opened.ok()) return opened.status();
+    pb::PullDeltaResponse message;
+    ToProto(opened->first, message.mutable_version());
+    if (!writer->Write(message)) return absl::CancelledError("PullDelta: the client went away");
+    std::vector<char> buffer(chunk);
+    int64_t sent = 0;
+    while (true) {
+      absl::StatusOr<size_t> n = opened->second->Read(buffer.data(), buffer.size());
+      if (!n.ok()) return n.status();  // DATA_LOSS: the stored bytes do not match their digest
+      if (*n == 0) break;
+      message.set_chunk(buffer.data(), *n);
+      if (!writer->Write(message)) return absl::CancelledError("PullDelta: the client went away");
+      sent += static_cast<int64_t>(*n);
+    }
+    metrics_->RecordStoreBytes(/*push=*/false, sent);
+    return absl::OkStatus();
+  };
+  const absl::Status status = send();
+  metrics_->RecordRequest("PullDelta", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status DeltaServiceImpl::ListDeltas(grpc::ServerContext* context, const pb::ListDeltasRequest* request,
+                                          pb::ListDeltasResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<store::ListPage> page =
+      manager_->List(request->tenant(), request->task(), request->page_size(), request->page_token());
+  if (page.ok()) {
+    for (const store::VersionInfo& v : page->versions) ToProto(v, response->add_versions());
+    response->set_next_page_token(page->next_page_token);
+  }
+  metrics_->RecordRequest("ListDeltas", page.status().code(), absl::Now() - start);
+  return ToGrpcStatus(page.status());
+}
+
+grpc::Status DeltaServiceImpl::SetLabel(grpc::ServerContext* context, const pb::SetLabelRequest* request,
+                                        pb::SetLabelResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<store::VersionInfo> version =
+      manager_->SetLabel(request->tenant(), request->task(), request->label(), request->version());
+  if (version.ok()) ToProto(*version, response->mutable_version());
+  metrics_->RecordRequest("SetLabel", version.status().code(), absl::Now() - start);
+  return ToGrpcStatus(version.status());
+}
+
+grpc::Status DeltaServiceImpl::DeleteLabel(grpc::ServerContext* context, const pb::DeleteLabelRequest* request,
+                                           pb::DeleteLabelResponse* response) {
+  const absl::Time start = absl::Now();
+  const absl::Status status = manager_->DeleteLabel(request->tenant(), request->task(), request->label());
+  metrics_->RecordRequest("DeleteLabel", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status DeltaServiceImpl::DeleteVersion(grpc::ServerContext* context, const pb::DeleteVersionRequest* request,
+                                             pb::DeleteVersionResponse* response) {
+  const absl::Time start = absl::Now();
+  const absl::Status status = manager_->DeleteVersion(request->tenant(), request->task(), request->version());
+  metrics_->RecordRequest("DeleteVersion", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
+}
+
+}  // namespace service
+}  // namespace deltaserve
