@@ -23,12 +23,14 @@ PACKAGES=(
   libtorch-dev libabsl-dev
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   prometheus-cpp-dev nlohmann-json3-dev libssl-dev libicu-dev
+  libcurl4-openssl-dev   # HTTP client of the OCI registry store (delta_store/oci_store.cc)
   libgtest-dev libgmock-dev
   libopenblas0-openmp libblis4-openmp   # fast BLAS (--blas flag); Debian's default reference BLAS is ~25x slower
   ca-certificates
 )
-# What the tests need besides: reference computations in Python, an independent Python gRPC client, promtool.
-TEST_PACKAGES=(python3 python3-torch python3-numpy python3-grpcio python3-grpc-tools prometheus)
+# What the tests need besides: reference computations in Python, an independent Python gRPC client, promtool,
+# an OCI registry for the shared-store tests.
+TEST_PACKAGES=(python3 python3-torch python3-numpy python3-grpcio python3-grpc-tools prometheus docker-registry)
 
 missing=()
 want=("${PACKAGES[@]}")
@@ -67,7 +69,8 @@ case "$MODE" in
   serve)
     echo "setup: starting deltaserve on 127.0.0.1:50051 (metrics on http://127.0.0.1:9464/metrics); Ctrl-C stops it"
     # shellcheck disable=SC2086
-    exec "$BUILD_DIR/server/deltaserve" --model_dir="$MODEL_DIR" --listen=127.0.0.1:50051 ${DELTASERVE_FLAGS:-}
+    exec "$BUILD_DIR/server/deltaserve" --model_dir="$MODEL_DIR" --listen=127.0.0.1:50051 \
+      --store_dir="${DELTASERVE_STORE_DIR:-$ROOT/var/store}" ${DELTASERVE_FLAGS:-}
     ;;
   test)
     # shellcheck disable=SC2086
