@@ -1,12 +1,35 @@
 #include "server/batching/batch_plan.h"
 
 #include <algorithm>
+#include <functional>
 #include <numeric>
 
 namespace deltaserve {
 namespace batching {
 
-std::vector<std::vector<size_t>> PlanForwardPasses(const std::vector<int64_t>& lengths, double max_padding_ratio) {
+std::vector<std::vector<size_t>> PlanForwardPasses(const std::vector<int64_t>& lengths, double max_padding_ratio,
+                                                   const std::vector<int>& groups) {
+  if (!groups.empty() && std::adjacent_find(groups.begin(), groups.end(), std::not_equal_to<int>()) != groups.end()) {
+    // Several groups: plan each on its own (groups in order of first appearance), then map back to row indices.
+    std::vector<int> seen;
+    std::vector<std::vector<size_t>> passes;
+    for (int group : groups) {
+      if (std::find(seen.begin(), seen.end(), group) != seen.end()) continue;
+      seen.push_back(group);
+      std::vector<size_t> rows;
+      std::vector<int64_t> group_lengths;
+      for (size_t i = 0; i < lengths.size(); ++i) {
+        if (groups[i] != group) continue;
+        rows.push_back(i);
+        group_lengths.push_back(lengths[i]);
+      }
+      for (std::vector<size_t>& pass : PlanForwardPasses(group_lengths, max_padding_ratio)) {
+        for (size_t& index : pass) index = rows[index];
+        passes.push_back(std::move(pass));
+      }
+    }
+    return passes;
+  }
   std::vector<size_t> order(lengths.size());
   std::iota(order.begin(), order.end(), 0);
   if (lengths.empty()) return {};

@@ -2,23 +2,16 @@
 // sub-layer's output, h' = h + s * up(act(down(h))), and the parallel adapter (He et al. 2022), which reads the
 // sub-layer's input x instead: h' = h + s * up(act(down(x))).
 //
-// Batching. Per target block and per activation, the rows that carry an adapter there form a group:
-//   - one distinct adapter in the group: gather the rows (or take the whole batch), two linears;
-//   - several: per-row weights gathered from per-delta stacks zero-padded to the largest bottleneck, two
-//     baddbmm's (a zero bottleneck unit has act(0) = 0 and a zero up column, so padding contributes nothing).
-// The groups' rows are written back with one index_copy; rows without an adapter there are unchanged.
+// Batching. Per target block, the rows that carry an adapter there form segments of consecutive rows with the same
+// adapter; each segment's rows get two GEMMs with that adapter's own weights (no per-batch copies of them), added
+// into the block output in place. Segments run on the intra-op threads in parallel (ForEachSegmentPiece); rows
+// without an adapter there are unchanged.
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/cat.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/gelu.h>
-#include <ATen/ops/index_copy.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/silu.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/tanh.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <map>
@@ -209,59 +202,41 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapterImpl(MethodSpec spec, const
   return std::unique_ptr<Method>(std::move(method));
 }
 
-// The rows of one block that use one activation.
-struct AdapterGroup {
+// A run of consecutive rows that carry the same adapter at a block.
+struct AdapterSegment {
+  int64_t first = 0;
+  int64_t count = 0;
+  const AdapterModule* adapter = nullptr;
   Activation activation = Activation::kRelu;
-  at::Tensor rows;  // [R] int64 on the device
-  bool all_rows = false;  // rows == 0..B-1
-  // One distinct adapter among the rows:
-  const AdapterModule* single = nullptr;
-  // Several: per-delta stacks zero-padded to the largest bottleneck, and each row's index into them.
-  at::Tensor delta_of_row;  // [R] int64
-  at::Tensor down_t;        // [D, in, bmax]
-  at::Tensor down_b;        // [D, 1, bmax]
-  at::Tensor up_t;          // [D, bmax, out]
-  at::Tensor up_b;          // [D, 1, out]
 };
 
 struct BlockPlan {
-  std::vector<AdapterGroup> groups;
-  int64_t in = 0;
+  std::vector<AdapterSegment> segments;  // in row order
+  int64_t in = 0;                        // width of what down() reads
 };
 
-at::Tensor GroupDelta(const AdapterGroup& g, const at::Tensor& x) {
-  if (g.single != nullptr) {
-    const AdapterModule& m = *g.single;
-    return at::linear(Activate(g.activation, at::linear(x, m.down_w, m.down_b)), m.up_w, m.up_b);
-  }
-  const at::Tensor down_t = g.down_t.index_select(0, g.delta_of_row);  // [R, in, bmax]
-  const at::Tensor down_b = g.down_b.index_select(0, g.delta_of_row);  // [R, 1, bmax]
-  const at::Tensor up_t = g.up_t.index_select(0, g.delta_of_row);      // [R, bmax, out]
-  const at::Tensor up_b = g.up_b.index_select(0, g.delta_of_row);      // [R, 1, out]
-  const at::Tensor z = Activate(g.activation, at::baddbmm(down_b, x, down_t));
-  return at::baddbmm(up_b, z, up_t);
+// Adds each carrying row's adapter, applied to its row of `input`, to its row of `*hidden`, in place (on a copy
+// when something else may hold `*hidden`). `input` may be `*hidden` itself (sequential adapters): each piece
+// reads its rows before it writes them.
+void ApplyPlan(const BlockPlan& plan, const at::Tensor& input, at::Tensor* hidden) {
+  const int64_t b = hidden->size(0), out = hidden->size(-1);
+  const bool in_place = Exclusive(*hidden);  // before x, which may share its storage
+  const at::Tensor x = input.reshape({b, -1, plan.in}).contiguous();
+  if (!in_place) *hidden = hidden->clone(at::MemoryFormat::Contiguous);
+  at::Tensor y = hidden->view({b, -1, out});
+  ForEachSegmentPiece(plan.segments, b, [&](const AdapterSegment& s) {
+    const AdapterModule& m = *s.adapter;
+    const at::Tensor xs = x.narrow(0, s.first, s.count).view({-1, plan.in});
+    const at::Tensor z = Activate(s.activation, at::addmm(m.down_b, xs, m.down_w.t()));  // [rows x N, b]
+    y.narrow(0, s.first, s.count).view({-1, out}).addmm_(z, m.up_w.t()).add_(m.up_b);
+  });
 }
 
-// hidden + each carrying row's adapter applied to `input` (the same rows).
-at::Tensor ApplyPlan(const BlockPlan& plan, const at::Tensor& input, const at::Tensor& hidden) {
-  if (plan.groups.size() == 1 && plan.groups[0].all_rows) {
-    return hidden + GroupDelta(plan.groups[0], input);
-  }
-  std::vector<at::Tensor> rows, values;
-  for (const AdapterGroup& g : plan.groups) {
-    const at::Tensor x = input.index_select(0, g.rows);
-    values.push_back(hidden.index_select(0, g.rows) + GroupDelta(g, x));
-    rows.push_back(g.rows);
-  }
-  if (rows.size() == 1) return hidden.index_copy(0, rows[0], values[0]);
-  return hidden.index_copy(0, at::cat(rows, 0), at::cat(values, 0));
-}
-
-// Plans every block that some row targets.
+// Plans every block that some row targets: its segments.
 absl::StatusOr<std::unordered_map<std::string, BlockPlan>> PlanBlocks(const std::vector<const Method*>& rows,
                                                                       const model::Model& model, MethodKind kind) {
   const std::string key = ModelKey(model);
-  std::vector<const AdapterMethod*> methods(rows.size(), nullptr);
+  std::unordered_map<std::string, BlockPlan> plans;
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i] == nullptr) continue;
     const auto* m = dynamic_cast<const AdapterMethod*>(rows[i]);
@@ -272,71 +247,19 @@ absl::StatusOr<std::unordered_map<std::string, BlockPlan>> PlanBlocks(const std:
       return absl::InvalidArgumentError(absl::StrCat("row ", i, "'s ", MethodKindName(kind),
                                                      " was created for another model, dtype or device"));
     }
-    methods[i] = m;
+    const int64_t row = static_cast<int64_t>(i);
+    for (const auto& [name, adapter] : m->modules_) {
+      BlockPlan& plan = plans[name];
+      plan.in = adapter.in;
+      std::vector<AdapterSegment>& segments = plan.segments;
+      if (!segments.empty() && segments.back().adapter == &adapter &&
+          segments.back().first + segments.back().count == row) {
+        ++segments.back().count;
+      } else {
+        segments.push_back({row, 1, &adapter, m->activation_});
+      }
+    }
   }
-  const int64_t batch = static_cast<int64_t>(rows.size());
-  std::unordered_map<std::string, BlockPlan> plans;
-  absl::Status status = TorchCallVoid(
-      [&] {
-        const c10::Device device(model.info().device);
-        // Block name -> activation -> rows, in row order.
-        std::map<std::string, std::map<int, std::vector<int64_t>>> by_block;
-        for (int64_t i = 0; i < batch; ++i) {
-          if (methods[i] == nullptr) continue;
-          for (const auto& [name, m] : methods[i]->modules_) {
-            by_block[name][static_cast<int>(methods[i]->activation_)].push_back(i);
-          }
-        }
-        for (const auto& [name, by_act] : by_block) {
-          BlockPlan& plan = plans[name];
-          for (const auto& [act, row_list] : by_act) {
-            AdapterGroup g;
-            g.activation = static_cast<Activation>(act);
-            g.rows = IndexTensor(row_list, device);
-            g.all_rows = static_cast<int64_t>(row_list.size()) == batch;
-            std::vector<const AdapterModule*> distinct;
-            std::vector<int64_t> delta_of_row;
-            for (int64_t r : row_list) {
-              const AdapterModule* m = &methods[r]->modules_.at(name);
-              auto it = std::find(distinct.begin(), distinct.end(), m);
-              delta_of_row.push_back(it - distinct.begin());
-              if (it == distinct.end()) distinct.push_back(m);
-            }
-            plan.in = distinct[0]->in;
-            if (distinct.size() == 1) {
-              g.single = distinct[0];
-            } else {
-              int64_t bmax = 0;
-              for (const AdapterModule* m : distinct) bmax = std::max(bmax, m->bottleneck);
-              std::vector<at::Tensor> down_t, down_b, up_t, up_b;
-              for (const AdapterModule* m : distinct) {
-                const int64_t pad = bmax - m->bottleneck;
-                const auto opts = m->down_w.options();
-                at::Tensor dt = m->down_w.t();  // [in, b]
-                at::Tensor db = m->down_b;      // [b]
-                at::Tensor ut = m->up_w.t();    // [b, out]
-                if (pad > 0) {
-                  dt = at::cat({dt, at::zeros({m->in, pad}, opts)}, 1);
-                  db = at::cat({db, at::zeros({pad}, opts)}, 0);
-                  ut = at::cat({ut, at::zeros({pad, m->out}, opts)}, 0);
-                }
-                down_t.push_back(dt);
-                down_b.push_back(db.unsqueeze(0));
-                up_t.push_back(ut);
-                up_b.push_back(m->up_b.unsqueeze(0));
-              }
-              g.down_t = at::stack(down_t, 0).contiguous();
-              g.down_b = at::stack(down_b, 0).contiguous();
-              g.up_t = at::stack(up_t, 0).contiguous();
-              g.up_b = at::stack(up_b, 0).contiguous();
-              g.delta_of_row = IndexTensor(delta_of_row, device);
-            }
-            plan.groups.push_back(std::move(g));
-          }
-        }
-      },
-      absl::StrCat("planning a ", MethodKindName(kind), " batch"));
-  DS_RETURN_IF_ERROR(status);
   return plans;
 }
 
@@ -347,7 +270,7 @@ class AdapterBatch : public MethodBatch {
   void OnBlockOutput(const model::ModuleInfo& block, at::Tensor* hidden) override {
     auto it = plans_.find(block.name);
     if (it == plans_.end()) return;
-    *hidden = ApplyPlan(it->second, *hidden, *hidden);
+    ApplyPlan(it->second, *hidden, hidden);
   }
 
  private:
@@ -374,7 +297,7 @@ class ParallelAdapterBatch : public MethodBatch {
     const at::Tensor input = std::move(cap->second);
     captured_.erase(cap);
     if (input.dim() != hidden->dim() || input.size(0) != hidden->size(0) || input.size(-1) != it->second.in) return;
-    *hidden = ApplyPlan(it->second, input, *hidden);
+    ApplyPlan(it->second, input, hidden);
   }
 
  private:

@@ -1,6 +1,6 @@
 // BitFit: a bias delta added to the output of each targeted linear or layer-norm module, a different one on every
-// row. MakeBitFitBatch gathers, per module, every row's bias (zeros for rows without) into one [B, out] tensor, so
-// the hook is a single broadcast add.
+// row. Per module, the hook is one broadcast add of every row's bias (zeros for rows without), or, when at most
+// half the rows carry one, an add on each run of rows with the same bias (RowVectors).
 #include <ATen/ATen.h>
 
 #include <map>
@@ -55,26 +55,21 @@ class BitFitBatch : public MethodBatch {
   explicit BitFitBatch(int64_t num_rows) : num_rows_(num_rows) {}
 
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
-    Add(module, output);
+    Add(module, output, /*writable=*/true);  // linear outputs may be updated in place (model.h)
   }
   void OnLayerNorm(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
-    Add(module, output);
+    Add(module, output, Exclusive(*output));
   }
 
-  // Module name -> [B, out]: row i's bias delta, zeros for rows without ([1, out] when every row has the same).
-  std::unordered_map<std::string, at::Tensor> biases_;
+  // Module name -> the rows' bias deltas.
+  std::unordered_map<std::string, RowVectors> biases_;
 
  private:
-  void Add(const model::ModuleInfo& module, at::Tensor* output) {
+  void Add(const model::ModuleInfo& module, at::Tensor* output, bool writable) {
     auto it = biases_.find(module.name);
     if (it == biases_.end()) return;
     CheckRows(*output, num_rows_, module, "bitfit");
-    const at::Tensor bias = BroadcastRows(it->second, *output);
-    if (Exclusive(*output)) {
-      output->add_(bias);
-    } else {
-      *output = output->add(bias);
-    }
+    ApplyRowVectors(it->second, /*multiply=*/false, writable, output);
   }
 
   const int64_t num_rows_;
@@ -112,8 +107,8 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<c
   const int64_t num_rows = static_cast<int64_t>(rows.size());
   const std::string key = ModelKey(model);
   std::vector<const BitFitMethod*> methods(rows.size(), nullptr);
-  // Module -> its width, for every module some row targets.
-  std::map<std::string, int64_t> widths;
+  // Every module some row targets.
+  std::set<std::string> modules;
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i] == nullptr) continue;
     if (rows[i]->kind() != MethodKind::kBitFit) {
@@ -125,34 +120,19 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeBitFitBatch(const std::vector<c
       return absl::InvalidArgumentError(
           absl::StrCat("bitfit batch: row ", i, "'s method was created for another model, dtype or device"));
     }
-    for (const auto& [name, b] : methods[i]->biases()) widths[name] = b.size(0);
+    for (const auto& [name, b] : methods[i]->biases()) modules.insert(name);
   }
   auto batch = std::make_unique<BitFitBatch>(num_rows);
   DS_RETURN_IF_ERROR(TorchCallVoid(
       [&] {
-        std::map<int64_t, at::Tensor> zeros;  // width -> zeros of that width, shared by every module
-        for (const auto& [name, width] : widths) {
+        for (const std::string& name : modules) {
           std::vector<at::Tensor> per_row(rows.size());
-          at::Tensor like;
           for (size_t i = 0; i < methods.size(); ++i) {
             if (methods[i] == nullptr) continue;
             auto it = methods[i]->biases().find(name);
-            if (it == methods[i]->biases().end()) continue;
-            per_row[i] = it->second;
-            like = it->second;
+            if (it != methods[i]->biases().end()) per_row[i] = it->second;
           }
-          bool one = true;  // every row adds the same bias: keep it as [1, out]
-          for (const at::Tensor& t : per_row) one = one && t.defined() && t.is_same(per_row.front());
-          if (one) {
-            batch->biases_.emplace(name, per_row.front().unsqueeze(0));
-            continue;
-          }
-          at::Tensor& zero = zeros[width];
-          if (!zero.defined()) zero = at::zeros({width}, like.options());
-          for (at::Tensor& t : per_row) {
-            if (!t.defined()) t = zero;
-          }
-          batch->biases_.emplace(name, at::stack(per_row));
+          batch->biases_.emplace(name, PlanRowVectors(per_row, /*identity=*/0));
         }
       },
       "bitfit: preparing the batch"));

@@ -1,7 +1,8 @@
 // (IA)^3: learned per-feature scales, a different set on every row: the outputs of the targeted linears (keys and
 // values by default) and, for the "feedforward" targets, their inputs (the FFN down-projection's input, i.e. the
-// activated intermediate: l_ff). MakeIa3Batch gathers, per module, every row's scale (ones for rows without) into
-// one [B, n] tensor, so the hook is a single broadcast multiply.
+// activated intermediate: l_ff). Per module, the hook is one broadcast multiply by every row's scale (ones for rows
+// without), or, when at most half the rows carry one, a multiply on each run of rows with the same scale
+// (RowVectors).
 #include <ATen/ATen.h>
 
 #include <map>
@@ -81,27 +82,22 @@ class Ia3Batch : public MethodBatch {
   explicit Ia3Batch(int64_t num_rows) : num_rows_(num_rows) {}
 
   void OnLinearInput(const model::ModuleInfo& module, at::Tensor* input) override {
-    Scale(input_scales_, module, input);
+    Scale(input_scales_, module, input, Exclusive(*input));
   }
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
-    Scale(output_scales_, module, output);
+    Scale(output_scales_, module, output, /*writable=*/true);  // linear outputs may be updated in place (model.h)
   }
 
-  // Module name -> [B, n]: row i's scale, ones for rows without ([1, n] when every row has the same).
-  std::unordered_map<std::string, at::Tensor> input_scales_, output_scales_;
+  // Module name -> the rows' scales.
+  std::unordered_map<std::string, RowVectors> input_scales_, output_scales_;
 
  private:
-  void Scale(const std::unordered_map<std::string, at::Tensor>& scales, const model::ModuleInfo& module,
-             at::Tensor* t) {
+  void Scale(const std::unordered_map<std::string, RowVectors>& scales, const model::ModuleInfo& module,
+             at::Tensor* t, bool writable) {
     auto it = scales.find(module.name);
     if (it == scales.end()) return;
     CheckRows(*t, num_rows_, module, "ia3");
-    const at::Tensor scale = BroadcastRows(it->second, *t);
-    if (Exclusive(*t)) {
-      t->mul_(scale);
-    } else {
-      *t = t->mul(scale);
-    }
+    ApplyRowVectors(it->second, /*multiply=*/true, writable, t);
   }
 
   const int64_t num_rows_;
@@ -163,8 +159,8 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<cons
   const int64_t num_rows = static_cast<int64_t>(rows.size());
   const std::string key = ModelKey(model);
   std::vector<const Ia3Method*> methods(rows.size(), nullptr);
-  // (module, feed-forward) -> width, for every module some row targets.
-  std::map<std::pair<std::string, bool>, int64_t> widths;
+  // (module, feed-forward) for every module some row targets.
+  std::set<std::pair<std::string, bool>> modules;
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i] == nullptr) continue;
     if (rows[i]->kind() != MethodKind::kIa3) {
@@ -176,36 +172,21 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeIa3Batch(const std::vector<cons
       return absl::InvalidArgumentError(
           absl::StrCat("ia3 batch: row ", i, "'s method was created for another model, dtype or device"));
     }
-    for (const auto& [name, t] : methods[i]->targets()) widths[{name, t.feedforward}] = t.scale.size(0);
+    for (const auto& [name, t] : methods[i]->targets()) modules.insert({name, t.feedforward});
   }
   auto batch = std::make_unique<Ia3Batch>(num_rows);
   DS_RETURN_IF_ERROR(TorchCallVoid(
       [&] {
-        std::map<int64_t, at::Tensor> ones;  // width -> ones of that width
-        for (const auto& [key, width] : widths) {
-          const auto& [name, feedforward] = key;
+        for (const auto& [name, feedforward] : modules) {
           std::vector<at::Tensor> per_row(rows.size());
-          at::Tensor like;
           for (size_t i = 0; i < methods.size(); ++i) {
             if (methods[i] == nullptr) continue;
             auto it = methods[i]->targets().find(name);
             if (it == methods[i]->targets().end() || it->second.feedforward != feedforward) continue;
             per_row[i] = it->second.scale;
-            like = it->second.scale;
           }
           auto& scales = feedforward ? batch->input_scales_ : batch->output_scales_;
-          bool same = true;  // every row has the same scale: keep it as [1, n]
-          for (const at::Tensor& t : per_row) same = same && t.defined() && t.is_same(per_row.front());
-          if (same) {
-            scales.emplace(name, per_row.front().unsqueeze(0));
-            continue;
-          }
-          at::Tensor& one = ones[width];
-          if (!one.defined()) one = at::ones({width}, like.options());
-          for (at::Tensor& t : per_row) {
-            if (!t.defined()) t = one;
-          }
-          scales.emplace(name, at::stack(per_row));
+          scales.emplace(name, PlanRowVectors(per_row, /*identity=*/1));
         }
       },
       "ia3: preparing the batch"));

@@ -1,8 +1,9 @@
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/isfinite.h>
 
 #include <algorithm>
-#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -189,16 +190,64 @@ at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like) {
   return v.view(shape);
 }
 
-std::vector<RowGroup> GroupRows(const std::vector<const Method*>& rows) {
-  std::vector<RowGroup> groups;
-  std::unordered_map<const Method*, size_t> index;
-  for (int64_t i = 0; i < static_cast<int64_t>(rows.size()); ++i) {
-    if (rows[i] == nullptr) continue;
-    auto [it, inserted] = index.emplace(rows[i], groups.size());
-    if (inserted) groups.push_back(RowGroup{rows[i], {}});
-    groups[it->second].rows.push_back(i);
+RowVectors PlanRowVectors(const std::vector<at::Tensor>& per_row, double identity) {
+  RowVectors plan;
+  int64_t carrying = 0;
+  bool same = true;  // every row carries the same vector
+  at::Tensor like;
+  for (const at::Tensor& v : per_row) {
+    if (!v.defined()) {
+      same = false;
+      continue;
+    }
+    ++carrying;
+    same = same && (!like.defined() || v.is_same(like));
+    if (!like.defined()) like = v;
   }
-  return groups;
+  if (!like.defined()) return plan;
+  const int64_t rows = static_cast<int64_t>(per_row.size());
+  if (same) {
+    plan.dense = like.unsqueeze(0);
+    return plan;
+  }
+  if (2 * carrying <= rows) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const at::Tensor& v = per_row[i];
+      if (!v.defined()) continue;
+      if (!plan.segments.empty() && plan.segments.back().vector.is_same(v) &&
+          plan.segments.back().first + plan.segments.back().count == i) {
+        ++plan.segments.back().count;
+      } else {
+        plan.segments.push_back({i, 1, v});
+      }
+    }
+    return plan;
+  }
+  const at::Tensor fill = at::full({like.size(0)}, identity, like.options());
+  std::vector<at::Tensor> filled(per_row.begin(), per_row.end());
+  for (at::Tensor& v : filled) {
+    if (!v.defined()) v = fill;
+  }
+  plan.dense = at::stack(filled);
+  return plan;
+}
+
+void ApplyRowVectors(const RowVectors& plan, bool multiply, bool writable, at::Tensor* t) {
+  if (plan.dense.defined()) {
+    const at::Tensor v = BroadcastRows(plan.dense, *t);
+    if (writable) {
+      multiply ? t->mul_(v) : t->add_(v);
+    } else {
+      *t = multiply ? t->mul(v) : t->add(v);
+    }
+    return;
+  }
+  if (plan.segments.empty()) return;
+  if (!writable) *t = t->clone(at::MemoryFormat::Contiguous);
+  for (const RowVectors::Segment& s : plan.segments) {
+    at::Tensor rows = t->narrow(0, s.first, s.count);
+    multiply ? rows.mul_(s.vector) : rows.add_(s.vector);
+  }
 }
 
 }  // namespace delta

@@ -3,6 +3,10 @@
 #ifndef DELTASERVE_SERVER_DELTA_METHODS_INTERNAL_H_
 #define DELTASERVE_SERVER_DELTA_METHODS_INTERNAL_H_
 
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <set>
@@ -82,19 +86,60 @@ void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& modul
 
 // True when nothing but `t` can observe its values (tensor and storage referenced once, e.g. a fresh linear
 // output) and it is contiguous: then updating it in place equals assigning a new tensor, without allocating one.
-// A slice of a fused projection shares its storage, so it is never exclusive.
+// A slice of a fused projection shares its storage, so it is never exclusive (but OnLinear's output may be
+// updated in place all the same: model.h).
 bool Exclusive(const at::Tensor& t);
+
+// Per-row vectors of one module (BitFit's bias deltas, (IA)^3's scales), to add to or multiply a [B, ..., n]
+// tensor with: one [B, n] (or [1, n] when every row has the same) tensor broadcast over the batch, or, when at most
+// half the rows carry a vector, segments of consecutive rows with the same one, so that rows without are not
+// touched (a pass over the whole output for a few rows would cost more than the few ops).
+struct RowVectors {
+  struct Segment {
+    int64_t first = 0;
+    int64_t count = 0;
+    at::Tensor vector;  // [n]
+  };
+  at::Tensor dense;               // [B, n] or [1, n]; undefined when `segments` are used
+  std::vector<Segment> segments;  // in row order
+};
+
+// The plan for per_row[i]: row i's vector [n], or undefined for rows that keep their values (`identity`: 0 to
+// add, 1 to multiply; it fills those rows of a dense plan).
+RowVectors PlanRowVectors(const std::vector<at::Tensor>& per_row, double identity);
+
+// *t + plan (multiply = false) or *t * plan (multiply = true), in place when `writable`, else into a new tensor.
+void ApplyRowVectors(const RowVectors& plan, bool multiply, bool writable, at::Tensor* t);
+
+// Runs fn(piece) for every segment of `segments` on the intra-op threads. A segment is anything with int64_t
+// `first` and `count`: consecutive batch rows that carry the same delta at a module. Segments longer than an equal
+// share of `num_rows` are cut into pieces (copies with a narrower first / count), so that the threads get similar
+// work; BLAS runs single-threaded inside each call. Per-row deltas are narrow GEMMs (a LoRA's r columns, an
+// adapter's bottleneck), which scale poorly over BLAS's own threads. Calls on different pieces touch disjoint
+// rows. Exceptions reach the caller.
+template <typename Segment, typename F>
+void ForEachSegmentPiece(const std::vector<Segment>& segments, int64_t num_rows, F&& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, (num_rows + threads - 1) / threads);
+  std::vector<Segment> pieces;
+  pieces.reserve(segments.size() + static_cast<size_t>(threads));
+  for (const Segment& s : segments) {
+    for (int64_t first = s.first; first < s.first + s.count; first += chunk) {
+      Segment piece = s;
+      piece.first = first;
+      piece.count = std::min(chunk, s.first + s.count - first);
+      pieces.push_back(piece);
+    }
+  }
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference_mode);  // thread-local: the pool's threads do not inherit the caller's
+    for (int64_t i = begin; i < end; ++i) fn(pieces[i]);
+  });
+}
 
 // `v` ([B, n] or [1, n]) viewed so that it broadcasts against `like` ([B, ..., n]).
 at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
-
-// The number of rows and, for each distinct method among `rows`, the row indices that carry it (in first-seen
-// order): the grouping that grouped (segmented) application iterates over.
-struct RowGroup {
-  const Method* method = nullptr;
-  std::vector<int64_t> rows;
-};
-std::vector<RowGroup> GroupRows(const std::vector<const Method*>& rows);
 
 }  // namespace delta
 }  // namespace deltaserve

@@ -13,10 +13,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/logging.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/batching/batch_plan.h"
 #include "server/delta/delta_batch.h"
+#include "server/delta/merge.h"
 
 namespace deltaserve {
 namespace inference {
@@ -42,9 +44,7 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
   if (options.max_inputs_per_request < 1) {
     return absl::InvalidArgumentError("max_inputs_per_request must be at least 1");
   }
-  if (options.batching.max_batch_rows < 1 || options.batching.max_batch_tokens < 1) {
-    return absl::InvalidArgumentError("max_batch_rows and max_batch_tokens must be at least 1");
-  }
+  DS_RETURN_IF_ERROR(batching::Batcher::ValidateOptions(options.batching));
   const int64_t specials = model->tokenizer().NumSpecialTokens();
   if (options.max_sequence_length != 0 && options.max_sequence_length <= specials) {
     return absl::InvalidArgumentError(
@@ -144,6 +144,20 @@ DeltaInfo InfoOf(const delta::DeltaPack& pack) {
   return info;
 }
 
+// Who the batcher schedules a request's rows for, and the method names its metrics count them under.
+batching::RequestInfo SchedulingOf(const std::string& tenant, batching::Priority priority,
+                                   const delta::DeltaPack* pack, const CallContext& call) {
+  batching::RequestInfo info;
+  info.tenant = tenant;
+  info.priority = priority;
+  info.deadline = call.deadline;
+  info.is_cancelled = call.is_cancelled;
+  if (pack != nullptr) {
+    for (const auto& m : pack->methods()) info.delta_methods.push_back(delta::MethodKindName(m->kind()));
+  }
+  return info;
+}
+
 }  // namespace
 
 absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request, const CallContext& call) {
@@ -160,7 +174,8 @@ absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request
     row.delta = pack;
   }
   DS_ASSIGN_OR_RETURN(std::vector<batching::RowResult> results,
-                      batcher_->Run(std::move(prepared.rows), call.deadline, call.is_cancelled));
+                      batcher_->Run(std::move(prepared.rows),
+                                    SchedulingOf(request.tenant, request.priority, pack.get(), call)));
 
   EmbedResponse response;
   response.embedding_dim = model_->info().embedding_dim;
@@ -197,7 +212,8 @@ absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest
     row.delta = pack;
   }
   DS_ASSIGN_OR_RETURN(std::vector<batching::RowResult> results,
-                      batcher_->Run(std::move(prepared.rows), call.deadline, call.is_cancelled));
+                      batcher_->Run(std::move(prepared.rows),
+                                    SchedulingOf(request.tenant, request.priority, pack.get(), call)));
 
   ClassifyResponse response;
   response.regression = head->type() == delta::Head::Type::kRegression;
@@ -233,13 +249,19 @@ absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest
 
 absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows) {
   // Rows of very different (effective) lengths waste compute on padding: run them as length-sorted passes whose
-  // padded tokens stay within max_padding_ratio of their real ones.
+  // padded tokens stay within max_padding_ratio of their real ones. Rows whose packs add soft tokens (prompt
+  // tuning) run apart from rows without, which would otherwise all be padded by those tokens.
   std::vector<int64_t> lengths(rows.size());
+  std::vector<int> groups;
+  if (options_.max_padding_ratio > 0) groups.resize(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
     const batching::RowInput& input = *rows[i].input;
-    lengths[i] = static_cast<int64_t>(input.ids.size()) + (input.delta ? input.delta->added_tokens() : 0);
+    const int64_t added = input.delta ? input.delta->added_tokens() : 0;
+    lengths[i] = static_cast<int64_t>(input.ids.size()) + added;
+    if (!groups.empty()) groups[i] = added > 0 ? 1 : 0;
   }
-  const std::vector<std::vector<size_t>> passes = batching::PlanForwardPasses(lengths, options_.max_padding_ratio);
+  const std::vector<std::vector<size_t>> passes =
+      batching::PlanForwardPasses(lengths, options_.max_padding_ratio, groups);
   if (passes.size() == 1 && passes[0].size() == rows.size()) return RunForward(rows);
   for (const std::vector<size_t>& pass : passes) {
     std::vector<batching::BatchRow> subset;
@@ -248,6 +270,38 @@ absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows
     DS_RETURN_IF_ERROR(RunForward(subset));
   }
   return absl::OkStatus();
+}
+
+const delta::DeltaPack* InferenceEngine::MergeCandidate(const std::vector<const delta::DeltaPack*>& packs,
+                                                        int64_t padded_tokens) const {
+  if (options_.merge_break_even <= 0 || packs.empty() || packs[0] == nullptr) return nullptr;
+  for (const delta::DeltaPack* pack : packs) {
+    if (pack != packs[0]) return nullptr;
+  }
+  const int64_t break_even = delta::MergeBreakEvenTokens(*packs[0], *model_);  // INT64_MAX: not mergeable
+  return static_cast<double>(padded_tokens) >= options_.merge_break_even * static_cast<double>(break_even)
+             ? packs[0]
+             : nullptr;
+}
+
+absl::StatusOr<model::ForwardOutput> InferenceEngine::RunMerged(const delta::DeltaPack& pack,
+                                                                const model::ForwardInput& input) {
+  // Merge takes the weights' mutex exclusively until Restore: no other forward reads the merged weights.
+  absl::StatusOr<std::unique_ptr<delta::MergedPack>> merged = delta::MergedPack::Merge(pack, *model_);
+  if (!merged.ok()) {
+    return absl::Status(merged.status().code(),
+                        absl::StrCat("merge mode failed, so the batch did not run (an internal error: retry): ",
+                                     merged.status().message()));
+  }
+  absl::StatusOr<model::ForwardOutput> output = model_->Forward(input, nullptr);
+  absl::Status restored = (*merged)->Restore();
+  if (!restored.ok()) {
+    DS_LOG(ERROR) << "merge mode: restoring the weights after delta pack " << pack.digest()
+                  << " failed; later results may be wrong: " << restored;
+    return absl::InternalError(absl::StrCat("merge mode: restoring the weights failed: ", restored.message()));
+  }
+  if (output.ok()) merged_forwards_.fetch_add(1, std::memory_order_relaxed);
+  return output;
 }
 
 absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> rows) {
@@ -278,10 +332,16 @@ absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> ro
       "building the batch"));
 
   std::unique_ptr<delta::DeltaBatch> hooks;
-  if (any_delta) {
-    DS_ASSIGN_OR_RETURN(hooks, delta::DeltaBatch::Create(packs, *model_));
+  model::ForwardOutput output;
+  if (const delta::DeltaPack* pack = MergeCandidate(packs, b * t)) {
+    DS_ASSIGN_OR_RETURN(output, RunMerged(*pack, input));
+  } else {
+    if (any_delta) {
+      DS_ASSIGN_OR_RETURN(hooks, delta::DeltaBatch::Create(packs, *model_));
+    }
+    absl::ReaderMutexLock weights_lock(&model_->weights_mutex());  // no merge rewrites the weights under us
+    DS_ASSIGN_OR_RETURN(output, model_->Forward(input, hooks.get()));
   }
-  DS_ASSIGN_OR_RETURN(model::ForwardOutput output, model_->Forward(input, hooks.get()));
 
   // Heads: one Apply per distinct pack over its rows' sentence embeddings.
   std::map<const delta::DeltaPack*, std::vector<int64_t>> head_rows;

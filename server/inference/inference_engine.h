@@ -17,6 +17,7 @@
 #ifndef DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
 #define DELTASERVE_SERVER_INFERENCE_INFERENCE_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -50,6 +51,9 @@ struct EmbedRequest {
   bool return_token_embeddings = false;
   bool return_token_ids = false;
   Truncation truncation = Truncation::kDefault;
+  // Scheduling priority of the request's rows (batching::Batcher: high first within the tenant; low fills spare
+  // room only).
+  batching::Priority priority = batching::Priority::kNormal;
 };
 
 struct EmbedResult {
@@ -75,6 +79,7 @@ struct ClassifyRequest {
   std::vector<std::vector<int64_t>> token_ids;
   Truncation truncation = Truncation::kDefault;
   int top_k = 0;  // 0 = all labels
+  batching::Priority priority = batching::Priority::kNormal;  // as in EmbedRequest
 };
 
 struct LabelScore {
@@ -115,8 +120,16 @@ class InferenceEngine {
     // What Truncation::kDefault means: true = cut over-long inputs, false = INVALID_ARGUMENT.
     bool truncate_by_default = true;
     // A batch whose padded tokens exceed this multiple of its real tokens runs as length-sorted sub-batches
-    // (fewer wasted FLOPs on padding, a few more forward calls); 0 = always one forward per batch.
+    // (fewer wasted FLOPs on padding, a few more forward calls), and rows whose packs add soft tokens (prompt
+    // tuning) run apart from rows without; 0 = always one forward per batch.
     double max_padding_ratio = 1.5;
+    // Merge mode (delta::MergedPack): a forward pass whose rows all carry the same pack, made only of methods that
+    // fold into the weights (lora, bitfit, ln_tuning, ia3), runs as merge -> plain forward -> restore when its
+    // padded tokens (rows x longest row) reach merge_break_even x delta::MergeBreakEvenTokens(pack): the size
+    // from which merging's fixed cost (about four passes over the weights it rewrites) is below the hooks' cost
+    // per token, estimated from the pack's and the weights' sizes (from ~20 tokens for BitFit alone to ~2,300 for
+    // LoRA on every linear of BERT-base; docs/BENCHMARKS.md). 0 or negative: never merge.
+    double merge_break_even = 1.0;
     // The dynamic batcher.
     batching::Batcher::Options batching;
   };
@@ -139,6 +152,8 @@ class InferenceEngine {
   const Options& options() const { return options_; }
   // The effective maximum sequence length.
   int64_t max_sequence_length() const { return max_sequence_length_; }
+  // Forward passes run in merge mode so far.
+  int64_t merged_forwards() const { return merged_forwards_.load(std::memory_order_relaxed); }
 
  private:
   InferenceEngine(std::shared_ptr<const model::Model> model, const Options& options,
@@ -159,12 +174,20 @@ class InferenceEngine {
   absl::Status RunBatch(absl::Span<const batching::BatchRow> rows);
   // One forward pass over `rows`.
   absl::Status RunForward(absl::Span<const batching::BatchRow> rows);
+  // The pack to run a pass of `padded_tokens` in merge mode with: packs[i] (row i's pack) when every row carries
+  // that same mergeable pack and the pass is large enough (Options::merge_break_even); else nullptr.
+  const delta::DeltaPack* MergeCandidate(const std::vector<const delta::DeltaPack*>& packs,
+                                         int64_t padded_tokens) const;
+  // Merge `pack` into the weights, a plain forward of `input`, restore. An error merging leaves the weights as
+  // they were and fails the pass.
+  absl::StatusOr<model::ForwardOutput> RunMerged(const delta::DeltaPack& pack, const model::ForwardInput& input);
 
   const std::shared_ptr<const model::Model> model_;
   const Options options_;
   const DeltaResolver* const resolver_;
   const int64_t max_sequence_length_;
   std::unique_ptr<batching::Batcher> batcher_;
+  std::atomic<int64_t> merged_forwards_{0};
 };
 
 }  // namespace inference

@@ -2,7 +2,11 @@
 // delta methods of later issues attach (LoRA, adapters, prefix / prompt tuning, BitFit, LN-tuning, (IA)^3).
 //
 // A Model owns its weights (on options.device, in options.dtype) and its Tokenizer. Forward() is const and keeps
-// no state between calls, so one Model serves any number of threads at once: thread-safe.
+// no state between calls, so one Model serves any number of threads at once: thread-safe, with one exception:
+// merge mode (delta::MergedPack, server/delta/merge.h) rewrites the weights in place for the length of one batch.
+// weights_mutex() orders the two: whoever reads the weights (runs Forward(), reads parameters()) while a merge
+// may happen on another thread holds it shared; a MergedPack holds it exclusively from its merge until its
+// restore. Forward() takes no lock itself, so the merging thread can run forwards on the merged weights.
 //
 // Module names. Every model exposes a flat list of modules with stable dotted names modelled on Hugging Face's
 // BERT (`embeddings.word_embeddings`, `encoder.layer.0.attention.self.query`, `encoder.layer.0.output.dense`, ...);
@@ -22,6 +26,7 @@
 
 #include "ATen/core/Tensor.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "server/model/tokenizer.h"
 
 namespace deltaserve {
@@ -77,8 +82,10 @@ class ForwardHooks {
   virtual void OnLinearInput(const ModuleInfo& module, at::Tensor* input) {}
 
   // After a linear layer computed `*output` from `input`. LoRA, BitFit (bias deltas), (IA)^3 and parallel
-  // adapters add to or scale `*output` here. For fused projections (use-lite's qkv) the model calls this once per
-  // logical module with the same input and that module's slice of the output.
+  // adapters add to or scale `*output` here. For fused projections (use-lite's and BERT's qkv) the model calls
+  // this once per logical module with the same input and that module's slice of the output (a view: not
+  // contiguous). The hook may replace `*output` or update it in place: nothing but the module's own consumers
+  // reads it (for a fused projection, nothing reads the fused result except through the three slices).
   virtual void OnLinear(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) {}
 
   // After a layer norm computed `*output` from `input` (LN-tuning).
@@ -151,6 +158,14 @@ class Model {
   // relative to their magnitude (use-lite's states reach ~30 without a final norm, so padding-dependent rounding
   // moves them by up to ~1e-4 absolute).
   virtual absl::StatusOr<ForwardOutput> Forward(const ForwardInput& input, ForwardHooks* hooks) const = 0;
+
+  // Orders readers of the weights against merge mode, which rewrites them (see the top of this file): hold it
+  // shared (absl::ReaderMutexLock) around Forward() and reads of parameters() where a merge may run on another
+  // thread. delta::MergedPack holds it exclusively while the weights are merged.
+  absl::Mutex& weights_mutex() const { return weights_mutex_; }
+
+ private:
+  mutable absl::Mutex weights_mutex_;
 };
 
 }  // namespace model

@@ -105,6 +105,11 @@ TEST(BitFitTest, MixedBatchEqualsEachRowAlone) {
       diff = MaxBatchVsSoloDiff(*model, MethodKind::kBitFit, rows, std::vector<const Method*>(8, m2.get()));
       ASSERT_TRUE(diff.ok()) << diff.status();
       EXPECT_LE(*diff, tol);
+      // Few rows carry one (runs of rows, the rest untouched).
+      diff = MaxBatchVsSoloDiff(*model, MethodKind::kBitFit, rows,
+                                {nullptr, m3.get(), m3.get(), nullptr, nullptr, m1.get(), nullptr, nullptr});
+      ASSERT_TRUE(diff.ok()) << diff.status();
+      EXPECT_LE(*diff, tol);
     }
   }
 }

@@ -36,6 +36,26 @@ bool Exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+class ParameterHidingModel : public model::Model {
+ public:
+  ParameterHidingModel(std::shared_ptr<const model::Model> inner, const std::string& hidden)
+      : inner_(std::move(inner)), parameters_(inner_->parameters()) {
+    parameters_.erase(hidden);
+  }
+  const model::ModelInfo& info() const override { return inner_->info(); }
+  const model::Tokenizer& tokenizer() const override { return inner_->tokenizer(); }
+  const std::vector<model::ModuleInfo>& modules() const override { return inner_->modules(); }
+  const std::map<std::string, at::Tensor>& parameters() const override { return parameters_; }
+  absl::StatusOr<model::ForwardOutput> Forward(const model::ForwardInput& input,
+                                               model::ForwardHooks* hooks) const override {
+    return inner_->Forward(input, hooks);
+  }
+
+ private:
+  std::shared_ptr<const model::Model> inner_;
+  std::map<std::string, at::Tensor> parameters_;  // the inner model's tensors (same storage), one left out
+};
+
 std::string WriteTinyBert() {
   char tmpl[] = "/tmp/tinybert.XXXXXX";
   const std::string dir = ::mkdtemp(tmpl);
@@ -84,6 +104,11 @@ std::string WriteTinyBert() {
 }
 
 }  // namespace
+
+std::shared_ptr<const model::Model> WithoutParameter(std::shared_ptr<const model::Model> model,
+                                                     const std::string& hidden) {
+  return std::make_shared<ParameterHidingModel>(std::move(model), hidden);
+}
 
 at::Tensor RandomTensor(const std::vector<int64_t>& shape, double scale, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -25,6 +25,18 @@ TEST(PlanForwardPassesTest, NeverSplitsWithANonPositiveRatio) {
   EXPECT_THAT(PlanForwardPasses({40, 3, 38}, 0), ElementsAre(ElementsAre(0, 1, 2)));
 }
 
+TEST(PlanForwardPassesTest, KeepsRowsOfDifferentGroupsInDifferentPasses) {
+  // Lengths alone would share one pass; the groups do not.
+  EXPECT_THAT(PlanForwardPasses({30, 40, 31, 40}, 1.5, {0, 1, 0, 1}),
+              ElementsAre(ElementsAre(0, 2), ElementsAre(1, 3)));
+  EXPECT_THAT(PlanForwardPasses({30, 40, 31}, 0, {1, 0, 1}), ElementsAre(ElementsAre(0, 2), ElementsAre(1)));
+  // Within a group, the padding ratio still splits.
+  EXPECT_THAT(PlanForwardPasses({40, 3, 4, 50}, 1.5, {0, 0, 0, 1}),
+              ElementsAre(ElementsAre(1, 2), ElementsAre(0), ElementsAre(3)));
+  // One group: as without groups.
+  EXPECT_THAT(PlanForwardPasses({10, 12}, 1.5, {2, 2}), ElementsAre(ElementsAre(0, 1)));
+}
+
 TEST(PlanForwardPassesTest, EveryRowLandsInExactlyOnePass) {
   std::vector<int64_t> lengths;
   for (int i = 0; i < 100; ++i) lengths.push_back(1 + (i * 37) % 120);
