@@ -76,6 +76,11 @@ absl::StatusOr<deltaserve::v1::ClassifyResponse> DeltaserveClient::Classify(
   return Unary(inference_.get(), &deltaserve::v1::InferenceService::Stub::Classify, request, options_.timeout);
 }
 
+absl::StatusOr<deltaserve::v1::PrefetchResponse> DeltaserveClient::Prefetch(
+    const deltaserve::v1::PrefetchRequest& request) {
+  return Unary(inference_.get(), &deltaserve::v1::InferenceService::Stub::Prefetch, request, options_.timeout);
+}
+
 absl::StatusOr<std::vector<std::vector<float>>> DeltaserveClient::EmbedTexts(const std::vector<std::string>& texts) {
   deltaserve::v1::EmbedRequest request;
   for (const std::string& text : texts) request.add_texts(text);

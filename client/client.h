@@ -39,6 +39,8 @@ class DeltaserveClient {
   absl::StatusOr<deltaserve::v1::GetModelInfoResponse> GetModelInfo();
   absl::StatusOr<deltaserve::v1::EmbedResponse> Embed(const deltaserve::v1::EmbedRequest& request);
   absl::StatusOr<deltaserve::v1::ClassifyResponse> Classify(const deltaserve::v1::ClassifyRequest& request);
+  // Loads tasks' packs into the server's pack cache ahead of requests.
+  absl::StatusOr<deltaserve::v1::PrefetchResponse> Prefetch(const deltaserve::v1::PrefetchRequest& request);
   // Sentence embeddings of `texts` on the base model.
   absl::StatusOr<std::vector<std::vector<float>>> EmbedTexts(const std::vector<std::string>& texts);
 

@@ -12,8 +12,10 @@
 //   deltactl ls [--task=T]
 //   deltactl label TASK@VERSION LABEL              point LABEL at a version
 //   deltactl rm TASK@VERSION | TASK:LABEL          delete a version, or a label
+//   deltactl prefetch REF...                       load tasks' packs into the server's cache ahead of requests
 //
-// embed / classify / info print JSON; the store commands print a short text for people, JSON with --json.
+// embed / classify / info print JSON; the store commands and prefetch print a short text for people, JSON with
+// --json.
 // Errors go to stderr as "deltactl: CODE: message" with exit code 1 (2 for usage).
 #include <unistd.h>
 
@@ -51,7 +53,7 @@ ABSL_FLAG(std::string, digest, "", "embed / classify: the delta pack by content 
 ABSL_FLAG(int, top_k, 0, "classify: labels per input, best first (0 = all).");
 ABSL_FLAG(std::vector<std::string>, label, {}, "push: labels to point at the new version (comma separated).");
 ABSL_FLAG(std::string, output, "", "pull: the file to write (\"-\" = stdout; default <task>.v<version>.dpack).");
-ABSL_FLAG(bool, json, false, "push / pull / show / ls / label / rm: print JSON (for scripts).");
+ABSL_FLAG(bool, json, false, "push / pull / show / ls / label / rm / prefetch: print JSON (for scripts).");
 ABSL_FLAG(bool, progress, true, "push / pull: draw a progress bar when stderr is a terminal.");
 
 namespace {
@@ -70,7 +72,8 @@ constexpr char kUsage[] =
     "  deltactl ls [--task=T]\n"
     "  deltactl label TASK@VERSION LABEL\n"
     "  deltactl rm TASK@VERSION | TASK:LABEL\n"
-    "  store commands print text; add --json for scripts\n";
+    "  deltactl prefetch REF...                      (loads the tasks' packs into the server's cache)\n"
+    "  store commands and prefetch print text; add --json for scripts\n";
 
 int Fail(const absl::Status& status) {
   std::cerr << "deltactl: " << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
@@ -428,6 +431,59 @@ int Remove(deltaserve::client::DeltaserveClient& client, const std::vector<std::
   return 0;
 }
 
+const char* TierName(deltaserve::v1::CacheTier tier) {
+  switch (tier) {
+    case deltaserve::v1::CACHE_TIER_DEVICE:
+      return "device";
+    case deltaserve::v1::CACHE_TIER_HOST:
+      return "host";
+    case deltaserve::v1::CACHE_TIER_STORE:
+      return "store";
+    default:
+      return "unknown";
+  }
+}
+
+int Prefetch(deltaserve::client::DeltaserveClient& client, const std::vector<std::string>& args) {
+  if (args.empty()) {
+    std::cerr << "deltactl: prefetch REF... (REF: task, task@3, task:prod, sha256:<hex>, tenant/task...)\n";
+    return 2;
+  }
+  deltaserve::v1::PrefetchRequest request;
+  request.set_tenant(absl::GetFlag(FLAGS_tenant));
+  for (const std::string& ref : args) request.add_tasks()->set_task(ref);
+  auto response = client.Prefetch(request);
+  if (!response.ok()) return Fail(response.status());
+  nlohmann::json out = nlohmann::json::array();
+  for (int i = 0; i < response->deltas_size(); ++i) {
+    const deltaserve::v1::PrefetchedDelta& d = response->deltas(i);
+    const std::string name =
+        d.task().empty() ? d.digest() : absl::StrCat(d.tenant(), "/", d.task(), "@", d.version());
+    if (absl::GetFlag(FLAGS_json)) {
+      out.push_back({{"ref", args[i]},
+                     {"tenant", d.tenant()},
+                     {"task", d.task()},
+                     {"version", d.version()},
+                     {"digest", d.digest()},
+                     {"source", TierName(d.source())},
+                     {"device_bytes", d.device_bytes()},
+                     {"serialized_bytes", d.serialized_bytes()},
+                     {"load_seconds", d.load_seconds()},
+                     {"resident", d.resident()}});
+    } else if (d.source() == deltaserve::v1::CACHE_TIER_DEVICE) {
+      std::cout << name << ": already loaded (" << HumanBytes(d.device_bytes()) << " on the device)"
+                << (d.resident() ? "" : ", but not kept: over the server's cache budget") << "\n";
+    } else {
+      std::cout << name << ": loaded from the " << TierName(d.source()) << " in "
+                << absl::StrFormat("%.3f", d.load_seconds()) << " s (" << HumanBytes(d.device_bytes())
+                << " on the device)" << (d.resident() ? "" : ", but not kept: over the server's cache budget")
+                << "\n";
+    }
+  }
+  if (absl::GetFlag(FLAGS_json)) Print(out);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -453,6 +509,7 @@ int main(int argc, char** argv) {
   if (command == "ls") return List(client);
   if (command == "label") return Label(client, rest);
   if (command == "rm") return Remove(client, rest);
+  if (command == "prefetch") return Prefetch(client, rest);
   std::cerr << "deltactl: unknown command '" << command << "'\n" << kUsage;
   return 2;
 }

@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <thread>
 
@@ -12,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "server/batching/batcher.h"
 #include "server/common/logging.h"
 #include "server/service/platform.h"
 #include "server/service/server.h"
@@ -23,6 +25,14 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
 ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory (config.json, model.safetensors, vocab).");
 ABSL_FLAG(std::string, store_dir, "",
           "Delta store directory (created if missing; docs/STORE.md). Empty = an in-memory store, lost at exit.");
+ABSL_FLAG(std::string, store_url, "",
+          "A shared delta store on an OCI registry (http[s]://host:port), for several replicas; --store_dir is then "
+          "its local cache. Credentials: $DELTASERVE_REGISTRY_TOKEN (bearer) or $DELTASERVE_REGISTRY_USER / "
+          "$DELTASERVE_REGISTRY_PASSWORD.");
+ABSL_FLAG(std::string, store_prefix, "deltaserve", "Repository prefix of the shared store in the registry.");
+ABSL_FLAG(double, store_resolve_ttl_s, 0,
+          "Reuse a resolved reference of the shared store this long (0 = ask the registry every time, so label "
+          "moves on other replicas apply at once).");
 ABSL_FLAG(std::string, delta_dir, "",
           "Directory of pack files (<task>.dpack, or <tenant>/<task>.dpack) pushed into the store at start.");
 ABSL_FLAG(int64_t, max_pack_bytes, int64_t{256} << 20, "Largest delta pack accepted (push, import, load).");
@@ -30,7 +40,12 @@ ABSL_FLAG(int64_t, tenant_store_bytes, 0, "Per-tenant quota: bytes of distinct p
 ABSL_FLAG(int64_t, tenant_store_versions, 0, "Per-tenant quota: pack versions stored (0 = unlimited).");
 ABSL_FLAG(bool, verify_every_read, false,
           "Check a stored pack's digest on every read (true) or on its first read since start (false).");
-ABSL_FLAG(int64_t, delta_cache_bytes, int64_t{1} << 30, "Loaded delta packs kept for reuse, in bytes.");
+ABSL_FLAG(int64_t, delta_cache_bytes, int64_t{1} << 30,
+          "Delta pack cache, tier 1: bytes of packs kept loaded on the model's device (packs in use may exceed it "
+          "until they finish).");
+ABSL_FLAG(int64_t, host_cache_bytes, int64_t{1} << 30,
+          "Delta pack cache, tier 2: bytes (serialized size) of recently evicted packs kept in host memory, so "
+          "that reloading them skips the store (0 = off).");
 ABSL_FLAG(std::string, device, "cpu", "Device for the model: cpu, cuda, cuda:N.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
@@ -41,9 +56,17 @@ ABSL_FLAG(int, max_batch_rows, 32, "Most input sequences in one forward pass.");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "Most padded tokens (rows x longest row) in one forward pass.");
 ABSL_FLAG(double, max_queue_delay_ms, 2.0, "How long a queued input waits for its batch to fill, at most.");
 ABSL_FLAG(int64_t, max_queued_rows, 4096, "Most inputs waiting for a batch; beyond: RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_queued_rows_per_tenant, 1024,
+          "Most inputs one tenant may have waiting (0 = only --max_queued_rows); beyond: RESOURCE_EXHAUSTED with a "
+          "retry hint. Keep it well under --max_queued_rows.");
+ABSL_FLAG(std::string, tenant_weights, "",
+          "Fair-share weights, \"tenant=weight,...\" (e.g. \"acme=4,beta=0.5\"); tenants not listed weigh 1.");
 ABSL_FLAG(double, max_padding_ratio, 1.5,
           "Split a batch into length-sorted forward passes when its padded tokens exceed this multiple of its real "
           "tokens (0 = never split).");
+ABSL_FLAG(double, merge_break_even, 1.0,
+          "Merge mode: a forward pass whose rows all carry one mergeable pack (lora, bitfit, ln_tuning, ia3) folds it "
+          "into the weights when its padded tokens reach this multiple of the pack's break-even size (0 = never).");
 ABSL_FLAG(int, batch_threads, 1, "Threads running batches (1 is right on CPU).");
 ABSL_FLAG(int, max_inputs_per_request, 256, "Most texts or id lists in one Embed request.");
 ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "Longest text accepted, in bytes.");
@@ -79,11 +102,18 @@ int main(int argc, char** argv) {
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
   options.store_dir = absl::GetFlag(FLAGS_store_dir);
   options.delta_dir = absl::GetFlag(FLAGS_delta_dir);
+  options.registry.url = absl::GetFlag(FLAGS_store_url);
+  options.registry.repository_prefix = absl::GetFlag(FLAGS_store_prefix);
+  if (const char* token = std::getenv("DELTASERVE_REGISTRY_TOKEN")) options.registry.bearer_token = token;
+  if (const char* user = std::getenv("DELTASERVE_REGISTRY_USER")) options.registry.username = user;
+  if (const char* password = std::getenv("DELTASERVE_REGISTRY_PASSWORD")) options.registry.password = password;
+  options.registry_resolve_ttl = absl::Seconds(absl::GetFlag(FLAGS_store_resolve_ttl_s));
   options.store.max_blob_bytes = absl::GetFlag(FLAGS_max_pack_bytes);
   options.store.quotas.default_quota.max_bytes = absl::GetFlag(FLAGS_tenant_store_bytes);
   options.store.quotas.default_quota.max_versions = absl::GetFlag(FLAGS_tenant_store_versions);
   options.store.verify_every_read = absl::GetFlag(FLAGS_verify_every_read);
   options.deltas.cache_bytes = absl::GetFlag(FLAGS_delta_cache_bytes);
+  options.deltas.host_cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes);
   options.model.device = absl::GetFlag(FLAGS_device);
   options.model.dtype = absl::GetFlag(FLAGS_dtype);
   options.engine.max_inputs_per_request = absl::GetFlag(FLAGS_max_inputs_per_request);
@@ -91,10 +121,18 @@ int main(int argc, char** argv) {
   options.engine.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
   options.engine.truncate_by_default = absl::GetFlag(FLAGS_truncate);
   options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
+  options.engine.merge_break_even = absl::GetFlag(FLAGS_merge_break_even);
   options.engine.batching.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   options.engine.batching.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.engine.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_ms) * 1000);
   options.engine.batching.max_queued_rows = absl::GetFlag(FLAGS_max_queued_rows);
+  options.engine.batching.max_queued_rows_per_tenant = absl::GetFlag(FLAGS_max_queued_rows_per_tenant);
+  if (auto weights = deltaserve::batching::ParseTenantWeights(absl::GetFlag(FLAGS_tenant_weights)); weights.ok()) {
+    options.engine.batching.tenant_weights = *std::move(weights);
+  } else {
+    std::fprintf(stderr, "deltaserve: --tenant_weights: %s\n", std::string(weights.status().message()).c_str());
+    return 2;
+  }
   options.engine.batching.num_threads = absl::GetFlag(FLAGS_batch_threads);
   options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.intra_op_threads = deltaserve::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));

@@ -73,8 +73,72 @@ PackSummary Summarize(const delta::DeltaPack& pack) {
   return out;
 }
 
+// Loads packs for the cache: from the store (read, verified by the store when it verifies reads, parsed, bound
+// to the model, its identity checked) or from a host copy (bound to the model only).
+class DeltaManager::PackLoader : public DeltaCache::Loader {
+ public:
+  PackLoader(store::DeltaStore* store, const model::Model* model, const delta::PackLimits& limits)
+      : store_(store), model_(model), limits_(limits) {}
+
+  absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> LoadFromStore(const std::string& digest) override {
+    DS_ASSIGN_OR_RETURN(const std::string bytes, store::ReadBlob(*store_, digest));
+    DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack, delta::DeltaPack::Load(bytes, *model_, limits_));
+    if (pack->digest() != digest) {
+      return absl::DataLossError(absl::StrCat("stored pack ", digest, " loads as ", pack->digest(),
+                                              ": the store holds a pack in non-canonical form"));
+    }
+    return pack;
+  }
+
+  absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> LoadFromHost(const std::string& digest,
+                                                                       const HostPack& copy) override {
+    DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack,
+                        delta::DeltaPack::FromContents(copy.contents, *model_, limits_));
+    if (pack->digest() != digest) {
+      return absl::InternalError(absl::StrCat("the host copy of pack ", digest, " binds as ", pack->digest()));
+    }
+    return pack;
+  }
+
+  std::shared_ptr<const HostPack> MakeHostCopy(const delta::DeltaPack& pack) override {
+    // Tensor handles are shared, not copied: the pack's specs already hold their CPU tensors.
+    auto copy = std::make_shared<HostPack>();
+    copy->contents.manifest = pack.manifest();
+    for (const auto& method : pack.methods()) copy->contents.methods.push_back(method->spec());
+    if (pack.head() != nullptr) copy->contents.head = pack.head()->spec();
+    copy->serialized_bytes = pack.serialized_bytes();
+    return copy;
+  }
+
+  int64_t DeviceBytes(const delta::DeltaPack& pack) const override { return pack.bytes(); }
+  int64_t HostBytes(const HostPack& copy) const override { return copy.serialized_bytes; }
+
+ private:
+  store::DeltaStore* const store_;
+  const model::Model* const model_;
+  const delta::PackLimits limits_;
+};
+
+namespace {
+
+DeltaCache::Options CacheOptions(const DeltaManager::Options& options) {
+  DeltaCache::Options out;
+  out.device_bytes = options.cache_bytes;
+  out.host_bytes = options.host_cache_bytes;
+  out.observer = options.cache_observer;
+  return out;
+}
+
+}  // namespace
+
 DeltaManager::DeltaManager(store::DeltaStore* store, const model::Model* model, const Options& options)
-    : store_(store), model_(model), options_(options) {}
+    : store_(store),
+      model_(model),
+      options_(options),
+      loader_(std::make_unique<PackLoader>(store, model, options.limits)),
+      cache_(std::make_unique<DeltaCache>(loader_.get(), CacheOptions(options))) {}
+
+DeltaManager::~DeltaManager() = default;
 
 absl::StatusOr<std::string> DeltaManager::EffectiveTenant(const std::string& tenant) const {
   if (tenant.empty()) return options_.default_tenant;
@@ -124,15 +188,9 @@ absl::StatusOr<PushResult> DeltaManager::Push(const PushRequest& request, absl::
     DS_ASSIGN_OR_RETURN(result.version,
                         store_->Resolve(store::Ref{tenant, request.task, result.version.version, "", ""}));
   }
-  {
-    // The pack is bound already: keep it for the requests that will surely follow.
-    absl::MutexLock lock(&mu_);
-    if (cache_.find(pack->digest()) == cache_.end() && pack->bytes() <= options_.cache_bytes) {
-      lru_.push_front(pack->digest());
-      cache_[pack->digest()] = CacheEntry{pack, lru_.begin()};
-      cache_used_ += pack->bytes();
-    }
-  }
+  // The pack is bound already: keep it for the requests that will likely follow, when tier 1 has room for it
+  // without evicting anything (a burst of pushes does not flush the packs in use).
+  cache_->Offer(pack->digest(), pack);
   return result;
 }
 
@@ -270,46 +328,45 @@ absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> DeltaManager::Resolve(
     const std::string& tenant, const inference::TaskSelector& selector) const {
   DS_ASSIGN_OR_RETURN(const store::Ref ref, ToStoreRef(tenant, selector));
   DS_ASSIGN_OR_RETURN(const store::VersionInfo version, store_->Resolve(ref));
-  return LoadPack(version.digest);
+  DS_ASSIGN_OR_RETURN(DeltaCache::Result loaded, cache_->Get(version.digest));
+  return std::move(loaded.value);
 }
 
-absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> DeltaManager::LoadPack(const std::string& digest) const {
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = cache_.find(digest);
-    if (it != cache_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second.lru);
-      return it->second.pack;
+absl::StatusOr<std::vector<PrefetchResult>> DeltaManager::Prefetch(
+    const std::string& tenant, const std::vector<inference::TaskSelector>& selectors) {
+  if (selectors.empty()) return absl::InvalidArgumentError("prefetch needs at least one task reference");
+  if (selectors.size() > static_cast<size_t>(kMaxPrefetchTasks)) {
+    return absl::InvalidArgumentError(absl::StrCat("prefetch takes at most ", kMaxPrefetchTasks,
+                                                   " task references per call, not ", selectors.size()));
+  }
+  std::vector<store::Ref> refs;
+  for (size_t i = 0; i < selectors.size(); ++i) {
+    absl::StatusOr<store::Ref> ref = ToStoreRef(tenant, selectors[i]);
+    if (!ref.ok()) {
+      return absl::Status(ref.status().code(), absl::StrCat("task reference ", i + 1, " of ", selectors.size(), ": ",
+                                                            ref.status().message()));
     }
+    refs.push_back(*std::move(ref));
   }
-  // Loaded outside the lock: other tasks' requests keep resolving meanwhile. Two requests missing on one digest
-  // at once may both load it; the first to finish is kept.
-  DS_ASSIGN_OR_RETURN(const std::string bytes, store::ReadBlob(*store_, digest));
-  DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack,
-                      delta::DeltaPack::Load(bytes, *model_, options_.limits));
-  if (pack->digest() != digest) {
-    return absl::DataLossError(absl::StrCat("stored pack ", digest, " loads as ", pack->digest(),
-                                            ": the store holds a pack in non-canonical form"));
+  std::vector<PrefetchResult> results;
+  for (const store::Ref& ref : refs) {
+    PrefetchResult r;
+    DS_ASSIGN_OR_RETURN(r.version, store_->Resolve(ref));
+    DS_ASSIGN_OR_RETURN(const DeltaCache::Result loaded, cache_->Get(r.version.digest));
+    r.source = loaded.tier;
+    r.device_bytes = loaded.value->bytes();
+    r.serialized_bytes = loaded.value->serialized_bytes();
+    r.load_time = loaded.load_time;
+    results.push_back(std::move(r));
   }
-  absl::MutexLock lock(&mu_);
-  auto it = cache_.find(digest);
-  if (it != cache_.end()) return it->second.pack;
-  lru_.push_front(digest);
-  cache_[digest] = CacheEntry{pack, lru_.begin()};
-  cache_used_ += pack->bytes();
-  while (cache_used_ > options_.cache_bytes && lru_.size() > 1) {
-    auto victim = cache_.find(lru_.back());
-    cache_used_ -= victim->second.pack->bytes();
-    cache_.erase(victim);
-    lru_.pop_back();
-  }
-  return pack;
+  cache_->Trim();  // the last pack is unpinned now: settle tier 1 within its budget before reporting
+  for (PrefetchResult& r : results) r.resident = cache_->Where(r.version.digest) == CacheTier::kDevice;
+  return results;
 }
 
-int DeltaManager::num_packs() const {
-  absl::MutexLock lock(&mu_);
-  return static_cast<int>(cache_.size());
-}
+CacheStats DeltaManager::cache_stats() const { return cache_->stats(); }
+
+int DeltaManager::num_packs() const { return static_cast<int>(cache_->device_entries()); }
 
 }  // namespace deltas
 }  // namespace deltaserve

@@ -1,8 +1,12 @@
 #include "server/metrics/metrics.h"
 
+#include <algorithm>
+#include <set>
 #include <sstream>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "prometheus/text_serializer.h"
 
 namespace deltaserve {
@@ -100,7 +104,51 @@ ServerMetrics::ServerMetrics()
       model_info_(prometheus::BuildGauge()
                       .Name("deltaserve_model_info")
                       .Help("The served model (value 1): family, compute dtype, device, BLAS and parameter count.")
-                      .Register(*registry_)) {}
+                      .Register(*registry_)),
+      cache_lookups_(prometheus::BuildCounter()
+                         .Name("deltaserve_delta_cache_lookups_total")
+                         .Help("Delta pack lookups answered, by the tier the pack came from: device (a hit), host "
+                               "or store (misses loaded from there, or waiting for such a load).")
+                         .Register(*registry_)),
+      delta_loads_(prometheus::BuildCounter()
+                       .Name("deltaserve_delta_loads_total")
+                       .Help("Delta pack loads into the device tier, by source (host, store) and outcome (ok, error).")
+                       .Register(*registry_)),
+      delta_load_seconds_(prometheus::BuildHistogram()
+                              .Name("deltaserve_delta_load_seconds")
+                              .Help("Time one delta pack load takes (read, parse, bind to the model), by source.")
+                              .Register(*registry_)),
+      cache_evictions_(prometheus::BuildCounter()
+                           .Name("deltaserve_delta_cache_evictions_total")
+                           .Help("Delta packs evicted from a cache tier (device: moved to host when it fits; host: "
+                                 "dropped).")
+                           .Register(*registry_)),
+      cache_resident_bytes_(prometheus::BuildGauge()
+                                .Name("deltaserve_delta_cache_resident_bytes")
+                                .Help("Bytes the delta cache holds, by tier (device: bound packs on the model's "
+                                      "device; host: serialized size of evicted packs' copies).")
+                                .Register(*registry_)),
+      cache_resident_packs_(prometheus::BuildGauge()
+                                .Name("deltaserve_delta_cache_resident_packs")
+                                .Help("Delta packs the cache holds, by tier.")
+                                .Register(*registry_)) {
+  // Every series exists from the start (at zero), so dashboards and rate() see them before the first event.
+  for (deltas::CacheTier tier : {deltas::CacheTier::kDevice, deltas::CacheTier::kHost, deltas::CacheTier::kStore}) {
+    const int i = static_cast<int>(tier);
+    const std::string name = deltas::CacheTierName(tier);
+    lookups_by_tier_[i] = &cache_lookups_.Add({{"tier", name}});
+    if (tier != deltas::CacheTier::kDevice) {
+      loads_ok_by_source_[i] = &delta_loads_.Add({{"source", name}, {"outcome", "ok"}});
+      loads_error_by_source_[i] = &delta_loads_.Add({{"source", name}, {"outcome", "error"}});
+      load_seconds_by_source_[i] = &delta_load_seconds_.Add({{"source", name}}, LatencyBuckets());
+    }
+    if (tier != deltas::CacheTier::kStore) {
+      evictions_by_tier_[i] = &cache_evictions_.Add({{"tier", name}});
+      resident_bytes_by_tier_[i] = &cache_resident_bytes_.Add({{"tier", name}});
+      resident_packs_by_tier_[i] = &cache_resident_packs_.Add({{"tier", name}});
+    }
+  }
+}
 
 void ServerMetrics::RecordRequest(const std::string& rpc, absl::StatusCode code, absl::Duration latency) {
   requests_.Add({{"rpc", rpc}, {"code", absl::StatusCodeToString(code)}}).Increment();
@@ -146,6 +194,126 @@ void ServerMetrics::OnQueueDepth(int64_t rows) { queue_depth_.Set(static_cast<do
 
 void ServerMetrics::OnRowsDropped(int rows, absl::StatusCode why) {
   dropped_rows_.Add({{"reason", absl::StatusCodeToString(why)}}).Increment(rows);
+}
+
+void ServerMetrics::OnCacheLookup(deltas::CacheTier served_from) {
+  lookups_by_tier_[static_cast<int>(served_from)]->Increment();
+}
+
+void ServerMetrics::OnCacheLoad(deltas::CacheTier source, bool ok, absl::Duration duration) {
+  const int i = static_cast<int>(source);
+  if (loads_ok_by_source_[i] == nullptr) return;  // not a load source
+  (ok ? loads_ok_by_source_ : loads_error_by_source_)[i]->Increment();
+  if (ok) load_seconds_by_source_[i]->Observe(absl::ToDoubleSeconds(duration));
+}
+
+void ServerMetrics::OnCacheEviction(deltas::CacheTier tier) {
+  if (prometheus::Counter* c = evictions_by_tier_[static_cast<int>(tier)]) c->Increment();
+}
+
+void ServerMetrics::OnCacheResidency(deltas::CacheTier tier, int64_t bytes, int64_t entries) {
+  const int i = static_cast<int>(tier);
+  if (resident_bytes_by_tier_[i] == nullptr) return;
+  resident_bytes_by_tier_[i]->Set(static_cast<double>(bytes));
+  resident_packs_by_tier_[i]->Set(static_cast<double>(entries));
+}
+
+// The scheduler's series. Method and reason series exist from the start (at zero); tenant series appear with
+// their tenant.
+struct ServerMetrics::SchedulerSeries {
+  explicit SchedulerSeries(prometheus::Registry& registry)
+      : distinct_deltas(prometheus::BuildHistogram()
+                            .Name("deltaserve_batch_distinct_deltas")
+                            .Help("Distinct delta packs per batch (rows on the base model alone not counted).")
+                            .Register(registry)
+                            .Add({}, prometheus::Histogram::BucketBoundaries{0, 1, 2, 4, 8, 16, 32, 64, 128, 256,
+                                                                             512, 1024})),
+        rows_by_method(prometheus::BuildCounter()
+                           .Name("deltaserve_batch_rows_by_method_total")
+                           .Help("Rows computed, by delta method (a row whose pack has several methods counts under "
+                                 "each; base = no delta).")
+                           .Register(registry)),
+        tenant_requests(prometheus::BuildCounter()
+                            .Name("deltaserve_tenant_requests_total")
+                            .Help("Requests admitted to the batch queue, by tenant (the first 32 tenants seen; "
+                                  "then \"other\") and priority.")
+                            .Register(registry)),
+        tenant_queued_rows(prometheus::BuildGauge()
+                               .Name("deltaserve_tenant_queued_rows")
+                               .Help("Rows waiting in the batch queue, by tenant (the first 32 tenants seen; then "
+                                     "\"other\").")
+                               .Register(registry)),
+        rejected(prometheus::BuildCounter()
+                     .Name("deltaserve_queue_rejected_requests_total")
+                     .Help("Requests refused by the batch queue at admission, by reason (queue_full, "
+                           "tenant_queue_full, request_too_large, shutting_down).")
+                     .Register(registry)) {
+    // delta::MethodKindName's names (this library does not link the delta methods), "base" and "other".
+    for (const char* method :
+         {"lora", "bitfit", "ln_tuning", "parallel_adapter", "ia3", "prefix", "prompt", "adapter", "base", "other"}) {
+      method_rows[method] = &rows_by_method.Add({{"method", method}});
+    }
+    for (batching::RejectReason reason :
+         {batching::RejectReason::kQueueFull, batching::RejectReason::kTenantQueueFull,
+          batching::RejectReason::kTooLarge, batching::RejectReason::kShuttingDown}) {
+      rejected.Add({{"reason", batching::RejectReasonName(reason)}});
+    }
+  }
+
+  prometheus::Histogram& distinct_deltas;
+  prometheus::Family<prometheus::Counter>& rows_by_method;
+  prometheus::Family<prometheus::Counter>& tenant_requests;
+  prometheus::Family<prometheus::Gauge>& tenant_queued_rows;
+  prometheus::Family<prometheus::Counter>& rejected;
+  std::map<std::string, prometheus::Counter*> method_rows;  // filled by the constructor, read-only after
+
+  absl::Mutex mu;
+  std::set<std::string> tenants ABSL_GUARDED_BY(mu);  // the tenants that are their own label value
+};
+
+std::shared_ptr<ServerMetrics::SchedulerSeries> ServerMetrics::MakeSchedulerSeries(prometheus::Registry& registry) {
+  return std::make_shared<SchedulerSeries>(registry);
+}
+
+std::string ServerMetrics::TenantLabel(const std::string& tenant) {
+  const bool valid = !tenant.empty() && tenant.size() <= 64 &&
+                     std::all_of(tenant.begin(), tenant.end(), [](char c) {
+                       return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+                     }) &&
+                     tenant[0] != '.' && tenant[0] != '_' && tenant[0] != '-';
+  if (!valid) return "other";
+  absl::MutexLock lock(&scheduler_->mu);
+  if (scheduler_->tenants.count(tenant) > 0) return tenant;
+  if (static_cast<int>(scheduler_->tenants.size()) >= kMaxTenantLabels) return "other";
+  scheduler_->tenants.insert(tenant);
+  return tenant;
+}
+
+void ServerMetrics::OnBatchDeltas(int distinct_deltas, const std::map<std::string, int>& rows_by_method) {
+  scheduler_->distinct_deltas.Observe(distinct_deltas);
+  for (const auto& [method, rows] : rows_by_method) {
+    auto it = scheduler_->method_rows.find(method);
+    if (it == scheduler_->method_rows.end()) it = scheduler_->method_rows.find("other");
+    it->second->Increment(rows);
+  }
+}
+
+void ServerMetrics::OnRequestAdmitted(const std::string& tenant, batching::Priority priority) {
+  scheduler_->tenant_requests.Add({{"tenant", TenantLabel(tenant)}, {"priority", batching::PriorityName(priority)}})
+      .Increment();
+}
+
+void ServerMetrics::OnTenantQueuedRows(const std::string& tenant, int64_t delta) {
+  prometheus::Gauge& rows = scheduler_->tenant_queued_rows.Add({{"tenant", TenantLabel(tenant)}});
+  if (delta >= 0) {
+    rows.Increment(static_cast<double>(delta));
+  } else {
+    rows.Decrement(static_cast<double>(-delta));
+  }
+}
+
+void ServerMetrics::OnRequestRejected(const std::string& tenant, batching::RejectReason reason) {
+  scheduler_->rejected.Add({{"reason", batching::RejectReasonName(reason)}}).Increment();
 }
 
 std::string ServerMetrics::Serialize() const {

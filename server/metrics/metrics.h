@@ -6,6 +6,8 @@
 #ifndef DELTASERVE_SERVER_METRICS_METRICS_H_
 #define DELTASERVE_SERVER_METRICS_METRICS_H_
 
+#include <array>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -17,11 +19,12 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/batching/batcher.h"
+#include "server/deltas/delta_cache.h"
 
 namespace deltaserve {
 namespace metrics {
 
-class ServerMetrics : public batching::BatcherObserver {
+class ServerMetrics : public batching::BatcherObserver, public deltas::DeltaCacheObserver {
  public:
   ServerMetrics();
   ~ServerMetrics() override = default;
@@ -42,6 +45,27 @@ class ServerMetrics : public batching::BatcherObserver {
   void OnRowQueued(absl::Duration queue_time) override;
   void OnQueueDepth(int64_t rows) override;
   void OnRowsDropped(int rows, absl::StatusCode why) override;
+  // The scheduler's side of BatcherObserver: deltaserve_batch_distinct_deltas, deltaserve_batch_rows_by_method_total
+  // {method} (the delta method names, "base", or "other"), deltaserve_tenant_requests_total{tenant,priority},
+  // deltaserve_tenant_queued_rows{tenant}, deltaserve_queue_rejected_requests_total{reason}.
+  void OnBatchDeltas(int distinct_deltas, const std::map<std::string, int>& rows_by_method) override;
+  void OnRequestAdmitted(const std::string& tenant, batching::Priority priority) override;
+  void OnTenantQueuedRows(const std::string& tenant, int64_t delta) override;
+  void OnRequestRejected(const std::string& tenant, batching::RejectReason reason) override;
+
+  // The `tenant` label value of per-tenant metrics. Label values stay few: the first kMaxTenantLabels distinct
+  // tenants seen whose names are valid store names (1-64 of [a-z0-9._-], docs/STORE.md) are their own value;
+  // every other tenant is "other". Thread-safe.
+  static constexpr int kMaxTenantLabels = 32;
+  std::string TenantLabel(const std::string& tenant);
+
+  // DeltaCacheObserver: deltaserve_delta_cache_lookups_total{tier}, deltaserve_delta_loads_total{source,outcome},
+  // deltaserve_delta_load_seconds{source}, deltaserve_delta_cache_evictions_total{tier},
+  // deltaserve_delta_cache_resident_bytes{tier}, deltaserve_delta_cache_resident_packs{tier}.
+  void OnCacheLookup(deltas::CacheTier served_from) override;
+  void OnCacheLoad(deltas::CacheTier source, bool ok, absl::Duration duration) override;
+  void OnCacheEviction(deltas::CacheTier tier) override;
+  void OnCacheResidency(deltas::CacheTier tier, int64_t bytes, int64_t entries) override;
 
   // The text exposition format (version 0.0.4) of every metric.
   std::string Serialize() const;
@@ -65,6 +89,25 @@ class ServerMetrics : public batching::BatcherObserver {
   prometheus::Family<prometheus::Counter>& store_bytes_;
   prometheus::Gauge& model_load_seconds_;
   prometheus::Family<prometheus::Gauge>& model_info_;
+  prometheus::Family<prometheus::Counter>& cache_lookups_;
+  prometheus::Family<prometheus::Counter>& delta_loads_;
+  prometheus::Family<prometheus::Histogram>& delta_load_seconds_;
+  prometheus::Family<prometheus::Counter>& cache_evictions_;
+  prometheus::Family<prometheus::Gauge>& cache_resident_bytes_;
+  prometheus::Family<prometheus::Gauge>& cache_resident_packs_;
+  // The series of the families above by CacheTier (index = static_cast<int>(tier); nullptr where a tier has
+  // none), looked up once: the cache reports every request.
+  std::array<prometheus::Counter*, deltas::kNumCacheTiers> lookups_by_tier_{};
+  std::array<prometheus::Counter*, deltas::kNumCacheTiers> loads_ok_by_source_{};
+  std::array<prometheus::Counter*, deltas::kNumCacheTiers> loads_error_by_source_{};
+  std::array<prometheus::Histogram*, deltas::kNumCacheTiers> load_seconds_by_source_{};
+  std::array<prometheus::Counter*, deltas::kNumCacheTiers> evictions_by_tier_{};
+  std::array<prometheus::Gauge*, deltas::kNumCacheTiers> resident_bytes_by_tier_{};
+  std::array<prometheus::Gauge*, deltas::kNumCacheTiers> resident_packs_by_tier_{};
+  // The scheduler's metrics (metrics.cc), registered in `registry_` when the object is built.
+  struct SchedulerSeries;
+  static std::shared_ptr<SchedulerSeries> MakeSchedulerSeries(prometheus::Registry& registry);
+  std::shared_ptr<SchedulerSeries> scheduler_ = MakeSchedulerSeries(*registry_);
 };
 
 }  // namespace metrics

@@ -61,7 +61,9 @@ grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
                                                        " bytes is over this server's limit of ",
                                                        options_.max_push_bytes, " bytes"));
     }
-    bytes->reserve(static_cast<size_t>(header.size_bytes()));
+    // `header` refers into `message`, which the chunks below overwrite: keep what is needed of it.
+    const int64_t announced = header.size_bytes();
+    bytes->reserve(static_cast<size_t>(announced));
     while (reader->Read(&message)) {
       if (message.part_case() != pb::PushDeltaRequest::kChunk) {
         return absl::InvalidArgumentError("PushDelta: only the first message may carry a header");
@@ -73,8 +75,8 @@ grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
       bytes->append(message.chunk());
     }
     if (context->IsCancelled()) return absl::CancelledError("PushDelta: the client cancelled the upload");
-    if (header.size_bytes() != 0 && static_cast<int64_t>(bytes->size()) != header.size_bytes()) {
-      return absl::InvalidArgumentError(absl::StrCat("PushDelta: the header announced ", header.size_bytes(),
+    if (announced != 0 && static_cast<int64_t>(bytes->size()) != announced) {
+      return absl::InvalidArgumentError(absl::StrCat("PushDelta: the header announced ", announced,
                                                      " bytes but ", bytes->size(), " arrived"));
     }
     if (bytes->empty()) return absl::InvalidArgumentError("PushDelta: no pack bytes after the header");

@@ -1,8 +1,11 @@
 #include "server/service/inference_service.h"
 
+#include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/time/clock.h"
+#include "server/batching/batcher.h"
 #include "server/service/grpc_status.h"
 
 namespace deltaserve {
@@ -13,6 +16,7 @@ namespace pb = ::deltaserve::v1;
 
 inference::TaskSelector FromProto(const pb::TaskRef& task);
 inference::Truncation FromProto(pb::Truncation truncation);
+batching::Priority FromProto(pb::Priority priority);
 
 inference::EmbedRequest FromProto(const pb::EmbedRequest& in) {
   inference::EmbedRequest out;
@@ -24,6 +28,7 @@ inference::EmbedRequest FromProto(const pb::EmbedRequest& in) {
   out.return_token_embeddings = in.return_token_embeddings();
   out.return_token_ids = in.return_token_ids();
   out.truncation = FromProto(in.truncation());
+  out.priority = FromProto(in.priority());
   return out;
 }
 
@@ -53,6 +58,26 @@ inference::TaskSelector FromProto(const pb::TaskRef& task) {
   return out;
 }
 
+batching::Priority FromProto(pb::Priority priority) {
+  switch (priority) {
+    case pb::PRIORITY_LOW:
+      return batching::Priority::kLow;
+    case pb::PRIORITY_HIGH:
+      return batching::Priority::kHigh;
+    default:
+      return batching::Priority::kNormal;
+  }
+}
+
+// The answer to a call: ToGrpcStatus(status), plus the batcher's retry hint (RESOURCE_EXHAUSTED when a queue is
+// full) as the trailing metadata `retry-after-ms` (docs/API.md).
+grpc::Status Answer(grpc::ServerContext* context, const absl::Status& status) {
+  if (std::optional<absl::Duration> hint = batching::GetRetryAfter(status)) {
+    context->AddTrailingMetadata("retry-after-ms", std::to_string(absl::ToInt64Milliseconds(*hint)));
+  }
+  return ToGrpcStatus(status);
+}
+
 inference::Truncation FromProto(pb::Truncation truncation) {
   switch (truncation) {
     case pb::TRUNCATION_TRUNCATE:
@@ -73,6 +98,7 @@ inference::ClassifyRequest FromProto(const pb::ClassifyRequest& in) {
   for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
   out.truncation = FromProto(in.truncation());
   out.top_k = in.top_k();
+  out.priority = FromProto(in.priority());
   return out;
 }
 
@@ -91,6 +117,30 @@ void ToProto(const inference::ClassifyResponse& in, const std::string& model_nam
     result->set_num_tokens(static_cast<int32_t>(r.num_tokens));
     result->set_truncated(r.truncated);
   }
+}
+
+pb::CacheTier ToProto(deltas::CacheTier tier) {
+  switch (tier) {
+    case deltas::CacheTier::kDevice:
+      return pb::CACHE_TIER_DEVICE;
+    case deltas::CacheTier::kHost:
+      return pb::CACHE_TIER_HOST;
+    case deltas::CacheTier::kStore:
+      return pb::CACHE_TIER_STORE;
+  }
+  return pb::CACHE_TIER_UNSPECIFIED;
+}
+
+void ToProto(const deltas::PrefetchResult& in, pb::PrefetchedDelta* out) {
+  out->set_tenant(in.version.tenant);
+  out->set_task(in.version.task);
+  out->set_version(in.version.version);
+  out->set_digest(in.version.digest);
+  out->set_source(ToProto(in.source));
+  out->set_device_bytes(in.device_bytes);
+  out->set_serialized_bytes(in.serialized_bytes);
+  out->set_load_seconds(absl::ToDoubleSeconds(in.load_time));
+  out->set_resident(in.resident);
 }
 
 void ToProto(inference::EmbedResponse&& in, const std::string& model_name, pb::EmbedResponse* out) {
@@ -116,8 +166,8 @@ void ToProto(inference::EmbedResponse&& in, const std::string& model_name, pb::E
 }  // namespace
 
 InferenceServiceImpl::InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics,
-                                           ServerFacts facts)
-    : engine_(engine), metrics_(metrics), facts_(std::move(facts)) {}
+                                           ServerFacts facts, deltas::DeltaManager* deltas)
+    : engine_(engine), metrics_(metrics), facts_(std::move(facts)), deltas_(deltas) {}
 
 grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb::EmbedRequest* request,
                                          pb::EmbedResponse* response) {
@@ -132,7 +182,7 @@ grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb:
   }
   const absl::Status status = result.status();
   metrics_->RecordRequest("Embed", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 grpc::Status InferenceServiceImpl::Classify(grpc::ServerContext* context, const pb::ClassifyRequest* request,
@@ -148,7 +198,7 @@ grpc::Status InferenceServiceImpl::Classify(grpc::ServerContext* context, const 
   }
   const absl::Status status = result.status();
   metrics_->RecordRequest("Classify", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
@@ -188,6 +238,24 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
   response->set_num_deltas(facts_.num_deltas());
   metrics_->RecordRequest("GetModelInfo", absl::StatusCode::kOk, absl::Now() - start);
   return grpc::Status::OK;
+}
+
+grpc::Status InferenceServiceImpl::Prefetch(grpc::ServerContext* context, const pb::PrefetchRequest* request,
+                                            pb::PrefetchResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::Status status = absl::UnimplementedError("this server has no delta manager");
+  if (deltas_ != nullptr) {
+    std::vector<inference::TaskSelector> selectors;
+    selectors.reserve(request->tasks_size());
+    for (const pb::TaskRef& task : request->tasks()) selectors.push_back(FromProto(task));
+    absl::StatusOr<std::vector<deltas::PrefetchResult>> result = deltas_->Prefetch(request->tenant(), selectors);
+    if (result.ok()) {
+      for (const deltas::PrefetchResult& r : *result) ToProto(r, response->add_deltas());
+    }
+    status = result.status();
+  }
+  metrics_->RecordRequest("Prefetch", status.code(), absl::Now() - start);
+  return ToGrpcStatus(status);
 }
 
 }  // namespace service

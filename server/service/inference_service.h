@@ -2,7 +2,7 @@
 // convert the proto to the engine's request, delegate to the InferenceEngine, convert the status (ToGrpcStatus)
 // and the result, and record metrics. No logic lives here.
 //
-// Does not own the engine or the metrics; both must outlive it. Thread-safe (gRPC calls handlers concurrently).
+// Does not own the engine, the metrics or the delta manager; all must outlive it. Thread-safe (gRPC calls handlers concurrently).
 #ifndef DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 #define DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 
@@ -10,6 +10,7 @@
 #include <string>
 
 #include "deltaserve/v1/inference.grpc.pb.h"
+#include "server/deltas/delta_manager.h"
 #include "server/inference/inference_engine.h"
 #include "server/metrics/metrics.h"
 
@@ -30,8 +31,9 @@ struct ServerFacts {
 
 class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Service {
  public:
-  // REQUIRES: engine and metrics outlive this object.
-  InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics, ServerFacts facts);
+  // REQUIRES: engine, metrics and deltas (nullptr: Prefetch answers UNIMPLEMENTED) outlive this object.
+  InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics, ServerFacts facts,
+                       deltas::DeltaManager* deltas = nullptr);
 
   grpc::Status Embed(grpc::ServerContext* context, const deltaserve::v1::EmbedRequest* request,
                      deltaserve::v1::EmbedResponse* response) override;
@@ -39,11 +41,14 @@ class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Serv
                         deltaserve::v1::ClassifyResponse* response) override;
   grpc::Status GetModelInfo(grpc::ServerContext* context, const deltaserve::v1::GetModelInfoRequest* request,
                             deltaserve::v1::GetModelInfoResponse* response) override;
+  grpc::Status Prefetch(grpc::ServerContext* context, const deltaserve::v1::PrefetchRequest* request,
+                        deltaserve::v1::PrefetchResponse* response) override;
 
  private:
   inference::InferenceEngine* const engine_;
   metrics::ServerMetrics* const metrics_;
   const ServerFacts facts_;
+  deltas::DeltaManager* const deltas_;
 };
 
 }  // namespace service

@@ -14,6 +14,7 @@
 #include "server/metrics/http_server.h"
 #include "server/metrics/metrics.h"
 #include "server/model/model_loader.h"
+#include "delta_store/caching_store.h"
 #include "delta_store/memory_store.h"
 #include "server/service/delta_service.h"
 #include "server/service/inference_service.h"
@@ -22,6 +23,42 @@
 
 namespace deltaserve {
 namespace service {
+
+namespace {
+
+// The delta store the options ask for: a filesystem store, an in-memory one, or a registry with one of those as
+// its local cache.
+absl::StatusOr<std::unique_ptr<store::DeltaStore>> OpenStore(const DeltaServer::Options& options) {
+  std::unique_ptr<store::DeltaStore> local;
+  if (options.store_dir.empty()) {
+    store::MemoryStoreOptions memory;
+    memory.max_blob_bytes = options.store.max_blob_bytes;
+    memory.quotas = options.store.quotas;
+    local = store::NewMemoryStore(memory);
+  } else {
+    DS_ASSIGN_OR_RETURN(local, store::OpenFileSystemStore(options.store_dir, options.store));
+  }
+  if (options.registry.url.empty()) {
+    if (options.store_dir.empty()) {
+      DS_LOG(WARNING) << "no --store_dir: delta packs are kept in memory and lost when the server stops";
+    } else {
+      DS_LOG(INFO) << "delta store at " << options.store_dir;
+    }
+    return local;
+  }
+  store::OciRegistryStoreOptions registry = options.registry;
+  registry.max_blob_bytes = options.store.max_blob_bytes;
+  registry.quotas = options.store.quotas;
+  DS_ASSIGN_OR_RETURN(std::unique_ptr<store::DeltaStore> remote, store::OpenOciRegistryStore(registry));
+  DS_LOG(INFO) << "shared delta store at " << registry.url << " (repositories " << registry.repository_prefix
+               << "/...), local cache " << (options.store_dir.empty() ? "in memory" : options.store_dir);
+  store::CachingStoreOptions caching;
+  caching.resolve_ttl = options.registry_resolve_ttl;
+  return std::unique_ptr<store::DeltaStore>(
+      std::make_unique<store::CachingStore>(std::move(remote), std::move(local), caching));
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& options) {
   std::unique_ptr<DeltaServer> server(new DeltaServer());
@@ -39,26 +76,21 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->metrics_->SetModelLoadSeconds(load_seconds);
   server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
 
-  if (options.store_dir.empty()) {
-    store::MemoryStoreOptions memory;
-    memory.max_blob_bytes = options.store.max_blob_bytes;
-    memory.quotas = options.store.quotas;
-    server->store_ = store::NewMemoryStore(memory);
-    DS_LOG(WARNING) << "no --store_dir: delta packs are kept in memory and lost when the server stops";
-  } else {
-    DS_ASSIGN_OR_RETURN(server->store_, store::OpenFileSystemStore(options.store_dir, options.store));
-    DS_LOG(INFO) << "delta store at " << options.store_dir;
-  }
+  DS_ASSIGN_OR_RETURN(server->store_, OpenStore(options));
   deltas::DeltaManager::Options delta_options = options.deltas;
   delta_options.limits.max_bytes = std::min(delta_options.limits.max_bytes, options.store.max_blob_bytes);
+  delta_options.cache_observer = server->metrics_.get();
   server->deltas_ = std::make_unique<deltas::DeltaManager>(server->store_.get(), server->model_.get(), delta_options);
   if (!options.delta_dir.empty()) {
     DS_ASSIGN_OR_RETURN(const deltas::ImportReport report, server->deltas_->ImportDirectory(options.delta_dir));
     DS_LOG(INFO) << "imported " << report.imported << " delta packs from " << options.delta_dir
                  << (report.failed.empty() ? "" : absl::StrCat(" (", report.failed.size(), " skipped, see above)"));
   }
+  // The scheduler names requests without a tenant as the store does.
+  inference::InferenceEngine::Options engine_options = options.engine;
+  engine_options.batching.default_tenant = options.deltas.default_tenant;
   DS_ASSIGN_OR_RETURN(server->engine_,
-                      inference::InferenceEngine::Create(server->model_, options.engine, server->metrics_.get(),
+                      inference::InferenceEngine::Create(server->model_, engine_options, server->metrics_.get(),
                                                          server->deltas_.get()));
 
   ServerFacts facts;
@@ -70,7 +102,8 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   facts.max_receive_message_bytes = options.max_receive_message_bytes;
   facts.num_deltas = [d = server->deltas_.get()] { return d->num_packs(); };
   server->inference_service_ =
-      std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts);
+      std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts,
+                                             server->deltas_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "delta_store/fs_store.h"
+#include "delta_store/oci_store.h"
 #include "delta_store/store.h"
 #include "server/deltas/delta_manager.h"
 #include "server/inference/inference_engine.h"
@@ -36,6 +37,13 @@ class DeltaServiceImpl;
 
 class DeltaServer {
  public:
+  // Registry options with an empty url: no shared store.
+  static store::OciRegistryStoreOptions NoRegistry() {
+    store::OciRegistryStoreOptions o;
+    o.url.clear();
+    return o;
+  }
+
   struct Options {
     // gRPC listen address, "host:port"; port 0 picks a free port (see port()).
     std::string listen_address = "127.0.0.1:50051";
@@ -43,8 +51,15 @@ class DeltaServer {
     std::string metrics_address = "127.0.0.1:9464";
     // The model directory (docs/MODELS.md).
     std::string model_dir = "models/use-lite";
-    // The delta store's directory (docs/STORE.md); "" = an in-memory store (packs are lost at exit).
+    // The delta store's directory (docs/STORE.md); "" = an in-memory store (packs are lost at exit). With
+    // `registry` set it is the local read-through cache of the shared store.
     std::string store_dir;
+    // A shared store on an OCI registry (registry.url non-empty): every replica pointed at the same registry and
+    // prefix serves the same packs and labels. Empty url = no shared store.
+    store::OciRegistryStoreOptions registry = NoRegistry();
+    // How long a resolved reference is reused before asking the registry again (0 = never: a label moved on
+    // another replica takes effect at once).
+    absl::Duration registry_resolve_ttl = absl::ZeroDuration();
     // The delta store: quotas, blob size limit, read verification. `store.max_blob_bytes` is also the largest
     // push.
     store::FileSystemStoreOptions store;

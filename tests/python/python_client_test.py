@@ -70,7 +70,8 @@ class PythonClientTest(unittest.TestCase):
             if cls.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("deltaserve did not start: " + open(os.path.join(cls.tmp, "log")).read())
             time.sleep(0.02)
-        port = int(open(port_file).read().split()[0])
+        with open(port_file) as f:
+            port = int(f.read().split()[0])
         cls.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(cls.channel).result(timeout=60)
         cls.stub = cls.pb_grpc.InferenceServiceStub(cls.channel)
@@ -121,11 +122,12 @@ class PythonClientTest(unittest.TestCase):
             self.stub.Embed(self.pb.EmbedRequest(texts=["x"] * 33), timeout=10)
         self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.INVALID_ARGUMENT)
 
-    def test_task_reference_is_failed_precondition(self):
+    def test_unknown_task_reference_is_not_found(self):
         req = self.pb.EmbedRequest(texts=["x"], task=self.pb.TaskRef(task="t", version=3))
         with self.assertRaises(self.grpc.RpcError) as ctx:
             self.stub.Embed(req, timeout=10)
-        self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.NOT_FOUND)
+        self.assertIn("default/t has no versions", ctx.exception.details())
 
 
 def main():

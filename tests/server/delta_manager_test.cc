@@ -1,11 +1,14 @@
 // DeltaManager over a tiny BERT and an in-memory store (wrapped to inject failures): pushes are validated before
-// anything is stored, references in every form resolve, failures leave nothing half-done, the loaded-pack cache
-// keeps to its budget without freeing packs in use.
+// anything is stored, references in every form resolve, failures leave nothing half-done, the pack cache keeps to
+// its budget without evicting packs in use, reloads evicted packs from host memory, loads a pack once however many
+// requests miss on it, Prefetch warms packs, and a label moved under concurrent resolutions never fails one.
 #include "server/deltas/delta_manager.h"
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <fstream>
+#include <thread>
 
 #include "delta_store/fault_store.h"
 #include "delta_store/memory_store.h"
@@ -201,23 +204,213 @@ TEST_F(DeltaManagerTest, MovingALabelChangesWhatNewResolutionsGet) {
 }
 
 TEST_F(DeltaManagerTest, KeepsLoadedPacksWithinTheCacheBudgetWithoutFreeingPacksInUse) {
+  // Budget: one pack in tier 1, no tier 2 (every reload reads the store).
+  const int64_t pack_bytes = (*delta::DeltaPack::Load(Bytes(*model_, "a", 1), *model_, {}))->bytes();
   DeltaManager::Options options;
-  options.cache_bytes = 1;  // every pack is over it: only the most recent stays cached
+  options.cache_bytes = pack_bytes;
+  options.host_cache_bytes = 0;
   DeltaManager small(faults_.get(), model_.get(), options);
-  PushRequest a{"", "a", "", {}}, b{"", "b", "", {}};
+  PushRequest a{"", "a", "", {}}, b{"", "b", "", {}}, c{"", "c", "", {}};
   ASSERT_TRUE(small.Push(a, Bytes(*model_, "a", 1)).ok());
-  ASSERT_TRUE(small.Push(b, Bytes(*model_, "b", 2)).ok());
+  ASSERT_TRUE(small.Push(b, Bytes(*model_, "b", 2)).ok());  // no room: a push never evicts
+  ASSERT_TRUE(small.Push(c, Bytes(*model_, "c", 3)).ok());
+  EXPECT_EQ(small.num_packs(), 1);
+  inference::TaskSelector sa, sb, sc;
+  sa.task = "a";
+  sb.task = "b";
+  sc.task = "c";
+  auto held = small.Resolve("", sa);  // a hit, held: pinned
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(faults_->Calls("OpenBlob"), 0);
+  ASSERT_TRUE(small.Resolve("", sb).ok());  // loaded; a is pinned, so tier 1 goes over budget for a while
+  EXPECT_EQ(faults_->Calls("OpenBlob"), 1);
+  EXPECT_EQ(small.num_packs(), 2);
+  EXPECT_EQ(small.cache_stats().device_bytes, 2 * pack_bytes);
+  ASSERT_TRUE(small.Resolve("", sc).ok());  // b (unpinned) makes room; a stays
+  EXPECT_EQ(small.num_packs(), 2);
+  ASSERT_TRUE(small.Resolve("", sa).ok());  // still a hit (c, unpinned, left)
+  EXPECT_EQ(faults_->Calls("OpenBlob"), 2);
+  held = absl::CancelledError("released");
+  ASSERT_TRUE(small.Resolve("", sb).ok());  // a, unpinned now, makes room
+  EXPECT_EQ(faults_->Calls("OpenBlob"), 3);
+  EXPECT_EQ(small.num_packs(), 1);
+  EXPECT_EQ(small.cache_stats().device_bytes, pack_bytes);
+  EXPECT_EQ(small.cache_stats().evictions[0], 3);
+}
+
+TEST_F(DeltaManagerTest, AnEvictedPackReloadsFromTheHostTierWithoutReadingTheStore) {
+  const int64_t pack_bytes = (*delta::DeltaPack::Load(Bytes(*model_, "a", 1), *model_, {}))->bytes();
+  DeltaManager::Options options;
+  options.cache_bytes = pack_bytes;
+  DeltaManager small(faults_.get(), model_.get(), options);
+  const PushResult a = PushOrDie("", "a", Bytes(*model_, "a", 1));
+  PushOrDie("", "b", Bytes(*model_, "b", 2));
   inference::TaskSelector sa, sb;
   sa.task = "a";
   sb.task = "b";
-  auto held = small.Resolve("", sa);
-  ASSERT_TRUE(held.ok());
-  ASSERT_TRUE(small.Resolve("", sb).ok());
-  EXPECT_EQ(small.num_packs(), 1);
-  EXPECT_EQ((*held)->manifest().name, "a");  // evicted from the cache, still alive for its holder
+  auto first = small.Resolve("", sa);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string name = (*first)->manifest().name;
+  const std::vector<std::string> labels = (*first)->head()->labels();
+  first = absl::CancelledError("released");
+  ASSERT_TRUE(small.Resolve("", sb).ok());  // a goes to tier 2
   const int reads = faults_->Calls("OpenBlob");
-  ASSERT_TRUE(small.Resolve("", sa).ok());  // a miss: loaded from the store again
-  EXPECT_EQ(faults_->Calls("OpenBlob"), reads + 1);
+  auto again = small.Resolve("", sa);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(faults_->Calls("OpenBlob"), reads);
+  EXPECT_EQ((*again)->digest(), a.version.digest);
+  EXPECT_EQ((*again)->manifest().name, name);
+  EXPECT_EQ((*again)->head()->labels(), labels);
+  EXPECT_EQ((*again)->bytes(), pack_bytes);
+  const CacheStats stats = small.cache_stats();
+  EXPECT_EQ(stats.lookups[static_cast<int>(CacheTier::kHost)], 1);
+  EXPECT_EQ(stats.host_entries, 1);  // b now
+}
+
+TEST_F(DeltaManagerTest, ConcurrentMissesOnOnePackReadTheStoreOnce) {
+  const PushResult v = PushOrDie("", "sentiment", Bytes(*model_, "one", 1));
+  DeltaManager fresh(faults_.get(), model_.get(), DeltaManager::Options());  // nothing cached
+  constexpr int kThreads = 12;
+  std::vector<absl::StatusOr<std::shared_ptr<const delta::DeltaPack>>> got(kThreads, absl::UnknownError(""));
+  std::vector<std::thread> threads;
+  inference::TaskSelector s;
+  s.task = "sentiment";
+  for (int i = 0; i < kThreads; ++i) threads.emplace_back([&, i] { got[i] = fresh.Resolve("", s); });
+  for (std::thread& t : threads) t.join();
+  for (const auto& g : got) {
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_EQ(g->get(), got[0]->get());
+  }
+  EXPECT_EQ(faults_->Calls("OpenBlob"), 1);
+  const CacheStats stats = fresh.cache_stats();
+  EXPECT_EQ(stats.loads_ok[static_cast<int>(CacheTier::kStore)], 1);
+  EXPECT_EQ(stats.lookups[static_cast<int>(CacheTier::kDevice)] + stats.lookups[static_cast<int>(CacheTier::kStore)],
+            kThreads);
+}
+
+TEST_F(DeltaManagerTest, AFailedLoadIsReportedAndRetriedNotCached) {
+  PushOrDie("", "sentiment", Bytes(*model_, "one", 1));
+  DeltaManager fresh(faults_.get(), model_.get(), DeltaManager::Options());
+  faults_->FailNext("OpenBlob", absl::UnavailableError("disk on fire"));
+  inference::TaskSelector s;
+  s.task = "sentiment";
+  EXPECT_EQ(fresh.Resolve("", s).status(), absl::UnavailableError("disk on fire"));
+  EXPECT_EQ(fresh.num_packs(), 0);
+  EXPECT_TRUE(fresh.Resolve("", s).ok());
+  EXPECT_EQ(fresh.cache_stats().loads_failed[static_cast<int>(CacheTier::kStore)], 1);
+}
+
+TEST_F(DeltaManagerTest, PrefetchLoadsPacksAndSaysWhereTheyCameFrom) {
+  const PushResult one = PushOrDie("acme", "sentiment", Bytes(*model_, "one", 1), {"prod"});
+  PushOrDie("acme", "topic", Bytes(*model_, "topic", 2));
+  DeltaManager fresh(faults_.get(), model_.get(), DeltaManager::Options());
+  inference::TaskSelector prod, topic;
+  prod.task = "sentiment";
+  prod.label = "prod";
+  topic.task = "acme/topic@1";
+  auto r = fresh.Prefetch("acme", {prod, topic});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0].version.digest, one.version.digest);
+  EXPECT_EQ((*r)[0].version.task, "sentiment");
+  EXPECT_EQ((*r)[0].source, CacheTier::kStore);
+  EXPECT_GT((*r)[0].device_bytes, 0);
+  EXPECT_GT((*r)[0].serialized_bytes, 0);
+  EXPECT_TRUE((*r)[0].resident);
+  EXPECT_EQ((*r)[1].version.task, "topic");
+  EXPECT_EQ(fresh.num_packs(), 2);
+  const int reads = faults_->Calls("OpenBlob");
+  // Requests now hit; prefetching again says the packs were loaded already.
+  ASSERT_TRUE(fresh.Resolve("acme", prod).ok());
+  auto again = fresh.Prefetch("acme", {prod});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)[0].source, CacheTier::kDevice);
+  EXPECT_EQ((*again)[0].load_time, absl::ZeroDuration());
+  EXPECT_EQ(faults_->Calls("OpenBlob"), reads);
+}
+
+TEST_F(DeltaManagerTest, PrefetchRejectsBadReferencesBeforeLoadingAnything) {
+  PushOrDie("acme", "sentiment", Bytes(*model_, "one", 1));
+  DeltaManager fresh(faults_.get(), model_.get(), DeltaManager::Options());
+  inference::TaskSelector good, missing, malformed, other_tenant;
+  good.task = "sentiment";
+  missing.task = "nope";
+  malformed.task = "sentiment@x";
+  other_tenant.task = "globex/sentiment";
+  EXPECT_EQ(fresh.Prefetch("acme", {}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad = fresh.Prefetch("acme", {good, malformed});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("task reference 2 of 2"));
+  EXPECT_EQ(fresh.Prefetch("acme", {other_tenant}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(fresh.num_packs(), 0);
+  EXPECT_EQ(fresh.Prefetch("acme", {missing}).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(fresh.Prefetch("globex", {good}).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(fresh.num_packs(), 0);
+}
+
+TEST_F(DeltaManagerTest, PrefetchBeyondTheBudgetReportsWhichPacksStayed) {
+  const int64_t pack_bytes = (*delta::DeltaPack::Load(Bytes(*model_, "a", 1), *model_, {}))->bytes();
+  DeltaManager::Options options;
+  options.cache_bytes = 2 * pack_bytes;
+  DeltaManager small(faults_.get(), model_.get(), options);
+  std::vector<inference::TaskSelector> all;
+  for (int i = 0; i < 3; ++i) {
+    PushOrDie("", "t" + std::to_string(i), Bytes(*model_, "t", 10 + i));
+    inference::TaskSelector s;
+    s.task = "t" + std::to_string(i);
+    all.push_back(s);
+  }
+  auto r = small.Prefetch("", all);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE((*r)[0].resident);
+  EXPECT_TRUE((*r)[1].resident);
+  EXPECT_TRUE((*r)[2].resident);
+  EXPECT_EQ(small.num_packs(), 2);
+}
+
+TEST_F(DeltaManagerTest, RequestsResolvingWhileALabelMovesGetTheOldOrTheNewPackNeverAnError) {
+  const PushResult one = PushOrDie("", "sentiment", Bytes(*model_, "one", 1), {"prod"});
+  const PushResult two = PushOrDie("", "sentiment", Bytes(*model_, "two", 2));
+  // A budget of one pack and no host tier: the swaps also evict and reload packs under the readers.
+  const int64_t pack_bytes = (*delta::DeltaPack::Load(Bytes(*model_, "a", 1), *model_, {}))->bytes();
+  DeltaManager::Options options;
+  options.cache_bytes = pack_bytes;
+  options.host_cache_bytes = 0;
+  DeltaManager manager(faults_.get(), model_.get(), options);
+  std::atomic<bool> stop{false};
+  std::atomic<int> resolved{0}, errors{0}, wrong{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 6; ++t) {
+    readers.emplace_back([&] {
+      inference::TaskSelector prod;
+      prod.task = "sentiment:prod";
+      while (!stop) {
+        auto pack = manager.Resolve("", prod);
+        if (!pack.ok()) {
+          ++errors;
+        } else if ((*pack)->digest() != one.version.digest && (*pack)->digest() != two.version.digest) {
+          ++wrong;
+        } else {
+          ++resolved;
+        }
+      }
+    });
+  }
+  for (int move = 0; move < 40; ++move) {
+    ASSERT_TRUE(manager.SetLabel("", "sentiment", "prod", move % 2 == 0 ? 2 : 1).ok());
+    // Once the move returns, every new resolution sees it.
+    inference::TaskSelector prod;
+    prod.task = "sentiment:prod";
+    auto now = manager.Resolve("", prod);
+    ASSERT_TRUE(now.ok());
+    EXPECT_EQ((*now)->digest(), move % 2 == 0 ? two.version.digest : one.version.digest);
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  stop = true;
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(wrong, 0);
+  EXPECT_GT(resolved, 0);
 }
 
 TEST_F(DeltaManagerTest, CorruptStoredBytesAreDataLossNotAWrongPack) {

@@ -3,6 +3,8 @@
 // and store nothing; the store survives a restart; corrupt bytes on disk are DATA_LOSS, never a wrong answer.
 #include <sys/stat.h>
 
+#include <signal.h>
+
 #include <cmath>
 #include <fstream>
 
@@ -20,6 +22,8 @@
 #include "server/model/model_loader.h"
 #include "tests/delta/delta_test_util.h"
 #include "tests/server/server_process.h"
+#include "tests/server/test_packs.h"
+#include "tests/store/local_registry.h"
 
 namespace deltaserve {
 namespace {
@@ -29,32 +33,7 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 namespace pb = ::deltaserve::v1;
 
-// LoRA r=2 on every query/value and a two-label head; `seed` makes packs differ.
-std::string Pack(const model::Model& m, const std::string& name, uint64_t seed,
-                 const std::string& fingerprint = "") {
-  delta::PackContents c;
-  c.manifest.name = name;
-  c.manifest.backbone_family = m.info().family;
-  c.manifest.backbone_fingerprint = fingerprint.empty() ? m.info().fingerprint : fingerprint;
-  delta::MethodSpec lora;
-  lora.kind = delta::MethodKind::kLora;
-  lora.config = {{"rank", 2}, {"alpha", 4}, {"targets", {"query", "value"}}};
-  for (const auto& info : m.modules()) {
-    if (info.kind != model::ModuleKind::kLinear) continue;
-    if (!(absl::EndsWith(info.name, ".query") || absl::EndsWith(info.name, ".value"))) continue;
-    lora.tensors[info.name + ".lora_A"] = delta::testing::RandomTensor({2, info.in_features}, 0.3, seed++);
-    lora.tensors[info.name + ".lora_B"] = delta::testing::RandomTensor({info.out_features, 2}, 0.3, seed++);
-  }
-  c.methods.push_back(lora);
-  delta::HeadSpec head;
-  head.config = {{"type", "classification"}, {"labels", {"neg", "pos"}}};
-  head.tensors["out.weight"] = delta::testing::RandomTensor({2, m.info().embedding_dim}, 1.0, seed++);
-  head.tensors["out.bias"] = delta::testing::RandomTensor({2}, 0.1, seed++);
-  c.head = head;
-  auto bytes = delta::SerializePack(c);
-  EXPECT_TRUE(bytes.ok()) << bytes.status();
-  return *bytes;
-}
+using ::deltaserve::testing::LoraHeadPack;
 
 std::vector<float> Values(const pb::Vector& v) { return {v.values().begin(), v.values().end()}; }
 
@@ -124,7 +103,7 @@ std::string* DeltaStoreServingTest::model_dir_ = nullptr;
 const model::Model* DeltaStoreServingTest::model_ = nullptr;
 
 TEST_F(DeltaStoreServingTest, PushedPackServesAtOnceAndPullsBackAsTheStoredBytes) {
-  const std::string bytes = Pack(*model_, "sentiment-v1", 1);
+  const std::string bytes = LoraHeadPack(*model_, "sentiment-v1", 1);
   auto pushed = Push("sentiment", bytes, {"prod"});
   ASSERT_TRUE(pushed.ok()) << pushed.status();
   EXPECT_TRUE(pushed->created());
@@ -161,8 +140,8 @@ TEST_F(DeltaStoreServingTest, PushedPackServesAtOnceAndPullsBackAsTheStoredBytes
 }
 
 TEST_F(DeltaStoreServingTest, MovingALabelSwitchesWhatRequestsGetAndVersionsStayAddressable) {
-  ASSERT_TRUE(Push("sentiment", Pack(*model_, "v1", 1), {"prod"}).ok());
-  ASSERT_TRUE(Push("sentiment", Pack(*model_, "v2", 100)).ok());
+  ASSERT_TRUE(Push("sentiment", LoraHeadPack(*model_, "v1", 1), {"prod"}).ok());
+  ASSERT_TRUE(Push("sentiment", LoraHeadPack(*model_, "v2", 100)).ok());
   auto v1 = EmbedWith("sentiment@1");
   auto v2 = EmbedWith("sentiment@2");
   ASSERT_TRUE(v1.ok() && v2.ok()) << v1.status() << v2.status();
@@ -183,9 +162,9 @@ TEST_F(DeltaStoreServingTest, MovingALabelSwitchesWhatRequestsGetAndVersionsStay
 }
 
 TEST_F(DeltaStoreServingTest, ListPagesThroughVersionsOfATenant) {
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Push("paged", Pack(*model_, "p", 10 + 10 * i)).ok());
-  ASSERT_TRUE(Push("other", Pack(*model_, "o", 99)).ok());
-  ASSERT_TRUE(Push("theirs", Pack(*model_, "t", 77), {}, "acme").ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Push("paged", LoraHeadPack(*model_, "p", 10 + 10 * i)).ok());
+  ASSERT_TRUE(Push("other", LoraHeadPack(*model_, "o", 99)).ok());
+  ASSERT_TRUE(Push("theirs", LoraHeadPack(*model_, "t", 77), {}, "acme").ok());
   pb::ListDeltasRequest request;
   request.set_task("paged");
   request.set_page_size(2);
@@ -208,14 +187,14 @@ TEST_F(DeltaStoreServingTest, ListPagesThroughVersionsOfATenant) {
 }
 
 TEST_F(DeltaStoreServingTest, BadPushesGetClearStatusesAndStoreNothing) {
-  const std::string good = Pack(*model_, "good", 1);
+  const std::string good = LoraHeadPack(*model_, "good", 1);
   struct Case {
     std::string task, bytes, expected_digest, message;
     absl::StatusCode code;
   };
   const std::vector<Case> cases = {
       {"sentiment", "definitely not a pack", "", "delta pack", absl::StatusCode::kInvalidArgument},
-      {"sentiment", Pack(*model_, "x", 1, "sha256:" + std::string(64, 'b')), "", "backbone",
+      {"sentiment", LoraHeadPack(*model_, "x", 1, "sha256:" + std::string(64, 'b')), "", "backbone",
        absl::StatusCode::kFailedPrecondition},
       {"../../etc", good, "", "not a valid name", absl::StatusCode::kInvalidArgument},
       {"sentiment", good, "sha256:" + std::string(64, 'c'), "damaged", absl::StatusCode::kDataLoss},
@@ -266,7 +245,7 @@ TEST_F(DeltaStoreServingTest, BadPushesGetClearStatusesAndStoreNothing) {
 }
 
 TEST_F(DeltaStoreServingTest, BadLabelAndDeleteRequestsGetClearStatuses) {
-  ASSERT_TRUE(Push("sentiment", Pack(*model_, "v1", 1), {"prod"}).ok());
+  ASSERT_TRUE(Push("sentiment", LoraHeadPack(*model_, "v1", 1), {"prod"}).ok());
   auto set = [&](const std::string& label, int64_t version) {
     pb::SetLabelRequest r;
     r.set_task("sentiment");
@@ -298,10 +277,10 @@ TEST_F(DeltaStoreServingTest, BadLabelAndDeleteRequestsGetClearStatuses) {
 
 TEST_F(DeltaStoreServingTest, StoreSurvivesARestartEnforcesQuotasAndNeverServesCorruptBytes) {
   StartServer({"--tenant_store_versions=2"});
-  ASSERT_TRUE(Push("a", Pack(*model_, "a", 1)).ok());
-  auto b = Push("b", Pack(*model_, "b", 50));
+  ASSERT_TRUE(Push("a", LoraHeadPack(*model_, "a", 1)).ok());
+  auto b = Push("b", LoraHeadPack(*model_, "b", 50));
   ASSERT_TRUE(b.ok());
-  auto over = Push("c", Pack(*model_, "c", 90));
+  auto over = Push("c", LoraHeadPack(*model_, "c", 90));
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(over.status().message(), HasSubstr("default"));
   auto before = EmbedWith("a");
@@ -331,7 +310,7 @@ TEST_F(DeltaStoreServingTest, StoreSurvivesARestartEnforcesQuotasAndNeverServesC
 TEST_F(DeltaStoreServingTest, DeltactlPushesListsPullsLabelsAndRemoves) {
   const std::string dir = testing::MakeTempDir();
   const std::string file = dir + "/sentiment.dpack";
-  std::ofstream(file, std::ios::binary) << Pack(*model_, "cli", 5);
+  std::ofstream(file, std::ios::binary) << LoraHeadPack(*model_, "cli", 5);
   const std::string server = "--server=" + server_->address();
   auto run = [&](std::vector<std::string> args) {
     args.insert(args.begin(), {testing::DeltactlBinary(), server});
@@ -376,6 +355,61 @@ TEST_F(DeltaStoreServingTest, DeltactlPushesListsPullsLabelsAndRemoves) {
   auto missing = run({"pull", "sentiment"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_THAT(missing.err, HasSubstr("NOT_FOUND"));
+}
+
+// Two replicas on one OCI registry (each with its own local cache directory): what is pushed or labelled through
+// one is served by the other at once; a stopped replica loses nothing.
+TEST_F(DeltaStoreServingTest, ReplicasSharingARegistrySeeEachOthersPacksAndLabels) {
+  if (store::LocalRegistry::FindBinary().empty()) GTEST_SKIP() << store::LocalRegistry::kSkipMessage;
+  auto registry = store::LocalRegistry::Start();
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const std::string root = testing::MakeTempDir();
+  auto start = [&](const std::string& name) {
+    return ServerProcess::Start({"--model_dir=" + *model_dir_, "--store_dir=" + root + "/" + name,
+                                 "--store_url=" + (*registry)->url(), "--max_pack_bytes=400000"});
+  };
+  auto one = start("one");
+  auto two = start("two");
+  ASSERT_TRUE(one.ok() && two.ok()) << one.status() << two.status();
+  client::DeltaserveClient::Options o1, o2;
+  o1.target = (*one)->address();
+  o2.target = (*two)->address();
+  client::DeltaserveClient c1(o1), c2(o2);
+  auto embed = [](client::DeltaserveClient& c, const std::string& task) -> absl::StatusOr<std::vector<float>> {
+    pb::EmbedRequest request;
+    request.mutable_task()->set_task(task);
+    request.add_texts("a movie I will remember");
+    auto r = c.Embed(request);
+    if (!r.ok()) return r.status();
+    return Values(r->results(0).embedding());
+  };
+  pb::PushDeltaHeader header;
+  header.set_task("shared");
+  header.add_labels("prod");
+  ASSERT_TRUE(c1.PushDelta(header, LoraHeadPack(*model_, "v1", 1)).ok());
+  header.clear_labels();
+  ASSERT_TRUE(c2.PushDelta(header, LoraHeadPack(*model_, "v2", 100)).ok());
+  auto v1_on_two = embed(c2, "shared:prod");
+  auto v1_on_one = embed(c1, "shared@1");
+  auto v2_on_one = embed(c1, "shared");
+  ASSERT_TRUE(v1_on_two.ok() && v1_on_one.ok() && v2_on_one.ok())
+      << v1_on_two.status() << v1_on_one.status() << v2_on_one.status();
+  EXPECT_LE(MaxDiff(*v1_on_two, *v1_on_one), 1e-6);
+  EXPECT_GT(MaxDiff(*v1_on_one, *v2_on_one), 1e-4);
+
+  pb::SetLabelRequest move;
+  move.set_task("shared");
+  move.set_label("prod");
+  move.set_version(2);
+  ASSERT_TRUE(c1.SetLabel(move).ok());
+  auto moved = embed(c2, "shared:prod");  // no resolve TTL: the other replica sees the move at once
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_LE(MaxDiff(*moved, *v2_on_one), 1e-6);
+
+  (*one)->Stop(SIGKILL);
+  auto listed = c2.ListDeltas(pb::ListDeltasRequest());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->versions_size(), 2);
 }
 
 }  // namespace

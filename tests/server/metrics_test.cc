@@ -47,6 +47,29 @@ TEST(ServerMetricsTest, CountsRequestsByRpcAndCodeName) {
   EXPECT_THAT(text, HasSubstr("deltaserve_request_duration_seconds_bucket"));
 }
 
+TEST(ServerMetricsTest, ExportsDeltaCacheActivityByTier) {
+  ServerMetrics metrics;
+  // Every cache series exists before the first event.
+  EXPECT_THAT(metrics.Serialize(), HasSubstr("deltaserve_delta_cache_lookups_total{tier=\"host\"} 0"));
+  metrics.OnCacheLookup(deltas::CacheTier::kDevice);
+  metrics.OnCacheLookup(deltas::CacheTier::kDevice);
+  metrics.OnCacheLookup(deltas::CacheTier::kStore);
+  metrics.OnCacheLoad(deltas::CacheTier::kStore, true, absl::Milliseconds(20));
+  metrics.OnCacheLoad(deltas::CacheTier::kHost, false, absl::Milliseconds(1));
+  metrics.OnCacheEviction(deltas::CacheTier::kDevice);
+  metrics.OnCacheResidency(deltas::CacheTier::kDevice, 4096, 2);
+  metrics.OnCacheResidency(deltas::CacheTier::kHost, 1000, 1);
+  const std::string text = metrics.Serialize();
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_lookups_total{tier=\"device\"} 2"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_lookups_total{tier=\"store\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_loads_total{outcome=\"ok\",source=\"store\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_loads_total{outcome=\"error\",source=\"host\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_load_seconds_count{source=\"store\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_evictions_total{tier=\"device\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_resident_bytes{tier=\"device\"} 4096"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_resident_packs{tier=\"host\"} 1"));
+}
+
 TEST(ServerMetricsTest, RecordsBatchShapes) {
   ServerMetrics metrics;
   metrics.OnBatch(8, 128, 100, absl::Milliseconds(10));
