@@ -50,32 +50,7 @@ std::set<std::string> StringSet(const nlohmann::json& j) {
   return out;
 }
 
-}  // namespace
-
-bool IsMergeable(const DeltaPack& pack, const model::Model& model) {
-  if (pack.methods().empty()) return false;
-  for (const auto& method : pack.methods()) {
-    switch (method->kind()) {
-      case MethodKind::kLora:
-      case MethodKind::kLnTuning:
-      case MethodKind::kIa3:
-        break;
-      case MethodKind::kBitFit:
-        for (const auto& [name, t] : method->spec().tensors) {
-          const model::ModuleInfo* m = FindModule(model, ModuleOf(name, "bias"));
-          if (m == nullptr || !m->has_bias || model.parameters().count(m->name + ".bias") == 0) return false;
-        }
-        break;
-      default:
-        return false;
-    }
-  }
-  return true;
-}
-
-namespace {
-
-// The parameters merging `spec` rewrites, each with the fold that rewrites it (run in this order).
+// The parameters merging `method` rewrites, each with the fold that rewrites it (run in this order).
 struct Fold {
   std::string parameter;
   std::function<void(at::Tensor&)> apply;
@@ -106,12 +81,14 @@ std::vector<Fold> FoldsOf(const Method& method, const model::Model& model) {
       case MethodKind::kIa3: {
         const std::string module = ModuleOf(name, "ia3_l");
         if (module.empty()) break;
-        if (StringSet(spec.config["feedforward"]).count(module) > 0) {
+        if (StringSet(spec.config.value("feedforward", nlohmann::json::array())).count(module) > 0) {
           // W diag(l): scales the input.
-          folds.push_back({module + ".weight", [delta](at::Tensor& w) { w.mul_(delta.to(w.options()).unsqueeze(0)); }});
+          folds.push_back(
+              {module + ".weight", [delta](at::Tensor& w) { w.mul_(delta.to(w.options()).unsqueeze(0)); }});
         } else {
           // diag(l) W, l * b: scales the output.
-          folds.push_back({module + ".weight", [delta](at::Tensor& w) { w.mul_(delta.to(w.options()).unsqueeze(1)); }});
+          folds.push_back(
+              {module + ".weight", [delta](at::Tensor& w) { w.mul_(delta.to(w.options()).unsqueeze(1)); }});
           if (params.count(module + ".bias")) {
             folds.push_back({module + ".bias", [delta](at::Tensor& b) { b.mul_(delta.to(b.options())); }});
           }
@@ -126,6 +103,28 @@ std::vector<Fold> FoldsOf(const Method& method, const model::Model& model) {
 }
 
 }  // namespace
+
+bool IsMergeable(const DeltaPack& pack, const model::Model& model) {
+  if (pack.methods().empty()) return false;
+  for (const auto& method : pack.methods()) {
+    switch (method->kind()) {
+      case MethodKind::kLora:
+      case MethodKind::kLnTuning:
+      case MethodKind::kIa3:
+        break;
+      case MethodKind::kBitFit:
+        for (const auto& [name, t] : method->spec().tensors) {
+          const model::ModuleInfo* m = FindModule(model, ModuleOf(name, "bias"));
+          if (m == nullptr || !m->has_bias || model.parameters().count(m->name + ".bias") == 0) return false;
+        }
+        break;
+      default:
+        return false;
+    }
+  }
+  return true;
+}
+
 
 int64_t MergedWeightBytes(const DeltaPack& pack, const model::Model& model) {
   if (!IsMergeable(pack, model)) return 0;

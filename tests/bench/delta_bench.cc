@@ -180,7 +180,9 @@ struct Breakdown {
     std::string out = absl::StrFormat("total %.2f ms, hooks set-up %.2f", seconds[0] * 1e3 / calls,
                                       seconds[1] * 1e3 / calls);
     for (int p = 0; p < TimedHooks::kNumPoints; ++p) {
-      if (seconds[2 + p] > 0) absl::StrAppendFormat(&out, ", %s %.2f", TimedHooks::kNames[p], seconds[2 + p] * 1e3 / calls);
+      if (seconds[2 + p] > 0) {
+        absl::StrAppendFormat(&out, ", %s %.2f", TimedHooks::kNames[p], seconds[2 + p] * 1e3 / calls);
+      }
     }
     return out;
   }

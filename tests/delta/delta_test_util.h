@@ -26,17 +26,17 @@ std::shared_ptr<const model::Model> UseLite();
 // temporary directory and loaded once. `dtype`: "float32" or "bfloat16".
 std::shared_ptr<const model::Model> TinyBert(const std::string& dtype = "float32");
 
-// A model that forwards everything to `model` except that parameters() lacks `hidden`: merging a pack that
-// targets it fails halfway (after rewriting the parameters before it), which tests the way back.
-std::shared_ptr<const model::Model> WithoutParameter(std::shared_ptr<const model::Model> model,
-                                                     const std::string& hidden);
-
 // Both of the above that exist, with a name for test output.
 struct NamedModel {
   std::string name;
   std::shared_ptr<const model::Model> model;
 };
 std::vector<NamedModel> TestModels();
+
+// A model that forwards everything to `model` except that parameters() lacks `hidden`: merging a pack that
+// targets it fails halfway (after rewriting the parameters before it), which tests the way back.
+std::shared_ptr<const model::Model> WithoutParameter(std::shared_ptr<const model::Model> model,
+                                                     const std::string& hidden);
 
 // Deterministic random float32 CPU tensor, N(0, scale^2).
 at::Tensor RandomTensor(const std::vector<int64_t>& shape, double scale, uint64_t seed);
