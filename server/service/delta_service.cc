@@ -56,7 +56,11 @@ grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
     request->task = header.task();
     request->expected_digest = header.expected_digest();
     request->labels.assign(header.labels().begin(), header.labels().end());
-    if (header.size_bytes() < 0 || header.size_bytes() > options_.max_push_bytes) {
+    if (header.size_bytes() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("PushDelta: size_bytes is ", header.size_bytes(),
+                                                     ": give the pack's size in bytes, or 0 if unknown"));
+    }
+    if (header.size_bytes() > options_.max_push_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat("PushDelta: a pack of ", header.size_bytes(),
                                                        " bytes is over this server's limit of ",
                                                        options_.max_push_bytes, " bytes"));

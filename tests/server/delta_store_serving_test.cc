@@ -239,6 +239,19 @@ TEST_F(DeltaStoreServingTest, BadPushesGetClearStatusesAndStoreNothing) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_THAT(status.error_message(), HasSubstr("announced"));
   }
+  {
+    grpc::ClientContext context;
+    pb::PushDeltaResponse response;
+    auto writer = stub->PushDelta(&context, &response);
+    pb::PushDeltaRequest header;
+    header.mutable_header()->set_task("sentiment");
+    header.mutable_header()->set_size_bytes(-5);
+    writer->Write(header);
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("size_bytes"));
+  }
   auto listed = client_->ListDeltas(pb::ListDeltasRequest());
   ASSERT_TRUE(listed.ok());
   EXPECT_EQ(listed->versions_size(), 0);
