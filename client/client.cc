@@ -48,6 +48,7 @@ DeltaserveClient::DeltaserveClient(const Options& options) : options_(options) {
   channel_ = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
   inference_ = deltaserve::v1::InferenceService::NewStub(channel_);
   deltas_ = deltaserve::v1::DeltaService::NewStub(channel_);
+  tuning_ = deltaserve::v1::TuningService::NewStub(channel_);
   health_ = grpc::health::v1::Health::NewStub(channel_);
 }
 
@@ -167,6 +168,79 @@ absl::Status DeltaserveClient::DeleteLabel(const deltaserve::v1::DeleteLabelRequ
 absl::Status DeltaserveClient::DeleteVersion(const deltaserve::v1::DeleteVersionRequest& request) {
   return Unary(deltas_.get(), &deltaserve::v1::DeltaService::Stub::DeleteVersion, request, options_.timeout)
       .status();
+}
+
+absl::StatusOr<deltaserve::v1::UploadDatasetResponse> DeltaserveClient::UploadDataset(const std::string& tenant,
+                                                                                      absl::string_view bytes,
+                                                                                      const Progress& progress) {
+  constexpr size_t kChunk = 1 << 20;
+  const int64_t total = static_cast<int64_t>(bytes.size());
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.timeout + absl::Seconds(static_cast<double>(total) / kChunk));
+  deltaserve::v1::UploadDatasetResponse response;
+  auto writer = tuning_->UploadDataset(&context, &response);
+  deltaserve::v1::UploadDatasetRequest message;
+  message.mutable_header()->set_tenant(tenant);
+  message.mutable_header()->set_size_bytes(total);
+  message.mutable_header()->set_expected_digest(Sha256Digest(bytes));
+  bool open = writer->Write(message);
+  for (size_t offset = 0; open && offset < bytes.size(); offset += kChunk) {
+    message.set_chunk(bytes.data() + offset, std::min(kChunk, bytes.size() - offset));
+    open = writer->Write(message);
+    if (open && progress) progress(static_cast<int64_t>(std::min(offset + kChunk, bytes.size())), total);
+  }
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  return Finish(status, std::move(response));
+}
+
+absl::StatusOr<deltaserve::v1::SubmitJobResponse> DeltaserveClient::SubmitJob(
+    const deltaserve::v1::SubmitJobRequest& request) {
+  return Unary(tuning_.get(), &deltaserve::v1::TuningService::Stub::SubmitJob, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::Job> DeltaserveClient::GetJob(const std::string& tenant, const std::string& id) {
+  deltaserve::v1::GetJobRequest request;
+  request.set_tenant(tenant);
+  request.set_id(id);
+  return Unary(tuning_.get(), &deltaserve::v1::TuningService::Stub::GetJob, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::ListJobsResponse> DeltaserveClient::ListJobs(
+    const deltaserve::v1::ListJobsRequest& request) {
+  return Unary(tuning_.get(), &deltaserve::v1::TuningService::Stub::ListJobs, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::Job> DeltaserveClient::CancelJob(const std::string& tenant, const std::string& id) {
+  deltaserve::v1::CancelJobRequest request;
+  request.set_tenant(tenant);
+  request.set_id(id);
+  return Unary(tuning_.get(), &deltaserve::v1::TuningService::Stub::CancelJob, request, options_.timeout);
+}
+
+absl::StatusOr<deltaserve::v1::Job> DeltaserveClient::WatchJob(
+    const std::string& tenant, const std::string& id,
+    const std::function<bool(const deltaserve::v1::Job&)>& on_event, absl::Duration timeout) {
+  deltaserve::v1::WatchJobRequest request;
+  request.set_tenant(tenant);
+  request.set_id(id);
+  grpc::ClientContext context;
+  if (timeout != absl::InfiniteDuration()) SetDeadline(&context, timeout);
+  auto reader = tuning_->WatchJob(&context, request);
+  deltaserve::v1::JobEvent event;
+  deltaserve::v1::Job last;
+  bool stopped = false;
+  while (reader->Read(&event)) {
+    last = event.job();
+    if (on_event && !on_event(last)) {
+      stopped = true;
+      context.TryCancel();
+      break;
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  if (stopped) return last;
+  return Finish(status, std::move(last));
 }
 
 }  // namespace client

@@ -16,6 +16,7 @@
 #include "absl/strings/string_view.h"
 #include "deltaserve/v1/deltas.grpc.pb.h"
 #include "deltaserve/v1/inference.grpc.pb.h"
+#include "deltaserve/v1/tuning.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace deltaserve {
@@ -61,11 +62,27 @@ class DeltaserveClient {
   absl::Status DeleteLabel(const deltaserve::v1::DeleteLabelRequest& request);
   absl::Status DeleteVersion(const deltaserve::v1::DeleteVersionRequest& request);
 
+  // --- Fine-tuning jobs (deltaserve.v1.TuningService) ---
+  // Streams a dataset file (size and digest are sent along); returns its digest for a JobSpec.
+  absl::StatusOr<deltaserve::v1::UploadDatasetResponse> UploadDataset(const std::string& tenant,
+                                                                      absl::string_view bytes,
+                                                                      const Progress& progress = nullptr);
+  absl::StatusOr<deltaserve::v1::SubmitJobResponse> SubmitJob(const deltaserve::v1::SubmitJobRequest& request);
+  absl::StatusOr<deltaserve::v1::Job> GetJob(const std::string& tenant, const std::string& id);
+  absl::StatusOr<deltaserve::v1::ListJobsResponse> ListJobs(const deltaserve::v1::ListJobsRequest& request);
+  absl::StatusOr<deltaserve::v1::Job> CancelJob(const std::string& tenant, const std::string& id);
+  // Calls on_event for every event until the job finishes (returns its final state), on_event returns false, or
+  // `timeout` passes (DEADLINE_EXCEEDED; the job keeps running).
+  absl::StatusOr<deltaserve::v1::Job> WatchJob(const std::string& tenant, const std::string& id,
+                                               const std::function<bool(const deltaserve::v1::Job&)>& on_event,
+                                               absl::Duration timeout = absl::InfiniteDuration());
+
  private:
   const Options options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<deltaserve::v1::InferenceService::Stub> inference_;
   std::unique_ptr<deltaserve::v1::DeltaService::Stub> deltas_;
+  std::unique_ptr<deltaserve::v1::TuningService::Stub> tuning_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 

@@ -4,8 +4,8 @@
 //   deltactl [--server=HOST:PORT] info
 //   deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]
 //            [--truncation=truncate|error] [TEXT ...]
-//   deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]
-//       (no TEXT: one text per line from stdin)
+//   deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [--pairs] [TEXT ...]
+//       (no TEXT: one text per line from stdin; --pairs: each input is TEXT<TAB>PAIR, for pair tasks)
 //   deltactl push FILE --task=T [--label=L1,L2]    a pack file becomes the task's next version
 //   deltactl pull REF [--output=FILE]              REF: task, task@3, task:prod, sha256:<hex>, tenant/task...
 //   deltactl show REF
@@ -29,6 +29,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "client/deltactl_tune.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -51,6 +52,9 @@ ABSL_FLAG(std::string, task, "",
           "push: the task the pack becomes a version of. ls: only this task.");
 ABSL_FLAG(std::string, digest, "", "embed / classify: the delta pack by content digest (sha256:<hex>).");
 ABSL_FLAG(int, top_k, 0, "classify: labels per input, best first (0 = all).");
+ABSL_FLAG(bool, pairs, false,
+          "classify: each input (argument or stdin line) is TEXT<TAB>PAIR, sent as texts + text_pairs for tasks "
+          "trained on text pairs (entailment, paraphrase, ...).");
 ABSL_FLAG(std::vector<std::string>, label, {}, "push: labels to point at the new version (comma separated).");
 ABSL_FLAG(std::string, output, "", "pull: the file to write (\"-\" = stdout; default <task>.v<version>.dpack).");
 ABSL_FLAG(bool, json, false, "push / pull / show / ls / label / rm / prefetch: print JSON (for scripts).");
@@ -64,8 +68,8 @@ constexpr char kUsage[] =
     "  deltactl [--server=HOST:PORT] info\n"
     "  deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]\n"
     "           [--truncation=truncate|error] [TEXT ...]\n"
-    "  deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [TEXT ...]\n"
-    "      (without TEXT, reads one text per line from stdin)\n"
+    "  deltactl [--server=HOST:PORT] classify --task=T [--top_k=N] [--pairs] [TEXT ...]\n"
+    "      (without TEXT, reads one text per line from stdin; --pairs: each is TEXT<TAB>PAIR)\n"
     "  deltactl push FILE --task=T [--label=L1,L2]   (the pack becomes T's next version)\n"
     "  deltactl pull REF [--output=FILE]             (REF: task, task@3, task:prod, sha256:<hex>, tenant/task)\n"
     "  deltactl show REF\n"
@@ -73,6 +77,9 @@ constexpr char kUsage[] =
     "  deltactl label TASK@VERSION LABEL\n"
     "  deltactl rm TASK@VERSION | TASK:LABEL\n"
     "  deltactl prefetch REF...                      (loads the tasks' packs into the server's cache)\n"
+    "  deltactl tune submit --task=T --data=FILE [--method=lora,bitfit] [--method_config=JSON] [--label=prod]\n"
+    "           [--watch]                            (fine-tunes a delta on the served model; see --helpfull)\n"
+    "  deltactl tune watch JOB | get JOB | cancel JOB | ls [--state=running]\n"
     "  store commands and prefetch print text; add --json for scripts\n";
 
 int Fail(const absl::Status& status) {
@@ -141,7 +148,21 @@ int Classify(deltaserve::client::DeltaserveClient& client, std::vector<std::stri
     std::cerr << "deltactl: classify needs --task (or --digest)\n";
     return 2;
   }
+  // --pairs: split each input at its first tab into the text and its pair.
+  std::vector<std::string> pairs;
+  if (absl::GetFlag(FLAGS_pairs)) {
+    for (size_t i = 0; i < texts.size(); ++i) {
+      const size_t tab = texts[i].find('\t');
+      if (tab == std::string::npos) {
+        std::cerr << "deltactl: classify --pairs: input " << i + 1 << " has no tab: give TEXT<TAB>PAIR\n";
+        return 2;
+      }
+      pairs.push_back(texts[i].substr(tab + 1));
+      texts[i].resize(tab);
+    }
+  }
   for (const std::string& text : texts) request.add_texts(text);
+  for (const std::string& pair : pairs) request.add_text_pairs(pair);
   request.set_top_k(absl::GetFlag(FLAGS_top_k));
   auto response = client.Classify(request);
   if (!response.ok()) return Fail(response.status());
@@ -150,6 +171,7 @@ int Classify(deltaserve::client::DeltaserveClient& client, std::vector<std::stri
   for (int i = 0; i < response->results_size(); ++i) {
     const auto& r = response->results(i);
     nlohmann::json item = {{"text", texts[i]}, {"num_tokens", r.num_tokens()}, {"truncated", r.truncated()}};
+    if (!pairs.empty()) item["text_pair"] = pairs[i];
     if (r.labels_size() > 0) {
       nlohmann::json labels = nlohmann::json::array();
       for (const auto& l : r.labels()) labels.push_back({{"label", l.label()}, {"score", l.score()}});
@@ -510,6 +532,15 @@ int main(int argc, char** argv) {
   if (command == "label") return Label(client, rest);
   if (command == "rm") return Remove(client, rest);
   if (command == "prefetch") return Prefetch(client, rest);
+  if (command == "tune") {
+    deltaserve::client::TuneContext ctx;
+    ctx.tenant = absl::GetFlag(FLAGS_tenant);
+    ctx.task = absl::GetFlag(FLAGS_task);
+    ctx.labels = absl::GetFlag(FLAGS_label);
+    ctx.json = absl::GetFlag(FLAGS_json);
+    ctx.print = Print;
+    return deltaserve::client::TuneCommand(client, ctx, rest);
+  }
   std::cerr << "deltactl: unknown command '" << command << "'\n" << kUsage;
   return 2;
 }

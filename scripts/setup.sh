@@ -70,7 +70,8 @@ case "$MODE" in
     echo "setup: starting deltaserve on 127.0.0.1:50051 (metrics on http://127.0.0.1:9464/metrics); Ctrl-C stops it"
     # shellcheck disable=SC2086
     exec "$BUILD_DIR/server/deltaserve" --model_dir="$MODEL_DIR" --listen=127.0.0.1:50051 \
-      --store_dir="${DELTASERVE_STORE_DIR:-$ROOT/var/store}" ${DELTASERVE_FLAGS:-}
+      --store_dir="${DELTASERVE_STORE_DIR:-$ROOT/var/store}" --jobs_dir="${DELTASERVE_JOBS_DIR:-$ROOT/var/jobs}" \
+      ${DELTASERVE_FLAGS:-}
     ;;
   test)
     # shellcheck disable=SC2086

@@ -46,6 +46,17 @@ ABSL_FLAG(int64_t, delta_cache_bytes, int64_t{1} << 30,
 ABSL_FLAG(int64_t, host_cache_bytes, int64_t{1} << 30,
           "Delta pack cache, tier 2: bytes (serialized size) of recently evicted packs kept in host memory, so "
           "that reloading them skips the store (0 = off).");
+ABSL_FLAG(std::string, jobs_dir, "",
+          "Where fine-tuning jobs persist (records, dataset copies, checkpoints); \"\" = in memory (lost at exit).");
+ABSL_FLAG(int, max_concurrent_jobs, 1, "Fine-tuning jobs that train at the same time.");
+ABSL_FLAG(int, max_queued_jobs_per_tenant, 16, "Fine-tuning jobs one tenant may have queued or running.");
+ABSL_FLAG(int64_t, max_dataset_bytes, int64_t{256} << 20, "Largest dataset upload, in bytes.");
+ABSL_FLAG(int, training_threads, 1,
+          "Intra-op threads of each fine-tuning job (0 = as many as serving); serving keeps the rest.");
+ABSL_FLAG(int, training_nice, 10, "Niceness added to training threads, so that serving keeps its latency.");
+ABSL_FLAG(int64_t, checkpoint_every_steps, 50, "Fine-tuning jobs checkpoint every this many steps (and per epoch).");
+ABSL_FLAG(bool, allow_full_finetuning, false,
+          "Allow `full` fine-tuning jobs (a private copy of every weight: the baseline deltas are compared with).");
 ABSL_FLAG(std::string, device, "cpu", "Device for the model: cpu, cuda, cuda:N.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
@@ -114,6 +125,14 @@ int main(int argc, char** argv) {
   options.store.verify_every_read = absl::GetFlag(FLAGS_verify_every_read);
   options.deltas.cache_bytes = absl::GetFlag(FLAGS_delta_cache_bytes);
   options.deltas.host_cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes);
+  options.jobs.jobs_dir = absl::GetFlag(FLAGS_jobs_dir);
+  options.jobs.max_concurrent_jobs = absl::GetFlag(FLAGS_max_concurrent_jobs);
+  options.jobs.max_queued_jobs_per_tenant = absl::GetFlag(FLAGS_max_queued_jobs_per_tenant);
+  options.jobs.max_dataset_bytes = absl::GetFlag(FLAGS_max_dataset_bytes);
+  options.jobs.trainer.threads = absl::GetFlag(FLAGS_training_threads);
+  options.jobs.trainer.nice = absl::GetFlag(FLAGS_training_nice);
+  options.jobs.trainer.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  options.jobs.trainer.allow_full = absl::GetFlag(FLAGS_allow_full_finetuning);
   options.model.device = absl::GetFlag(FLAGS_device);
   options.model.dtype = absl::GetFlag(FLAGS_dtype);
   options.engine.max_inputs_per_request = absl::GetFlag(FLAGS_max_inputs_per_request);

@@ -123,6 +123,21 @@ PANELS = [
         ("Store bytes / s (push, pull)", "Bps", "Pack bytes received and sent by the Deltas API.",
          [q(rate("deltaserve_delta_store_bytes_total", "direction"), "{{direction}}")], "timeseries"),
     ]),
+    ("Fine-tuning", [
+        ("Jobs queued and running", "short", "Fine-tuning jobs waiting for a worker and training now "
+         "(--max_concurrent_jobs run at once).",
+         [q("sum by (state) (deltaserve_tuning_jobs{SEL})", "{{state}}")], "timeseries"),
+        ("Jobs / min by state", "short", "Jobs entering each state: queued = submitted; succeeded, failed and "
+         "cancelled = finished. Failed jobs say why in GetJob's error.",
+         [q("60 * " + rate("deltaserve_tuning_jobs_total", "state"), "{{state}}")], "timeseries"),
+        ("Training steps and examples / s", "short", "Optimizer updates and training examples processed per "
+         "second over all running jobs.",
+         [q(rate("deltaserve_tuning_steps_total"), "steps/s"), q(rate("deltaserve_tuning_examples_total"),
+                                                                "examples/s")], "timeseries"),
+        ("Training step time (p50 / p95 / p99)", "s", "One step: forward, backward and update, at the training "
+         "threads' lower priority.",
+         quantiles("deltaserve_tuning_step_seconds"), "timeseries"),
+    ]),
     ("Model", [
         ("Served model", "none", "The model each instance serves (family, dtype, device, BLAS, parameters).",
          [{"expr": f"deltaserve_model_info{{{SEL}}}", "format": "table", "instant": True, "legendFormat": ""}],

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <utility>
 
@@ -19,6 +20,7 @@
 #include "server/batching/batch_plan.h"
 #include "server/delta/delta_batch.h"
 #include "server/delta/merge.h"
+#include "server/model/tokenizer.h"
 
 namespace deltaserve {
 namespace inference {
@@ -69,11 +71,22 @@ absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> InferenceEngine::Resolve
 
 absl::StatusOr<InferenceEngine::PreparedRows> InferenceEngine::PrepareRows(
     const std::vector<std::string>& texts, const std::vector<std::vector<int64_t>>& token_ids,
-    Truncation truncation) const {
+    const std::vector<std::string>& text_pairs, Truncation truncation) const {
   const bool has_texts = !texts.empty();
   const bool has_ids = !token_ids.empty();
+  const bool has_pairs = !text_pairs.empty();
   if (has_texts && has_ids) {
     return absl::InvalidArgumentError("set either `texts` or `token_ids`, not both");
+  }
+  if (has_pairs) {
+    if (has_ids) {
+      return absl::InvalidArgumentError(
+          "`text_pairs` go with `texts`, not with `token_ids` (token ids are the full model input already)");
+    }
+    if (text_pairs.size() != texts.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("text_pairs has ", text_pairs.size(), " entries but texts has ",
+                                                     texts.size(), ": give one per text, or none"));
+    }
   }
   const size_t n = has_texts ? texts.size() : token_ids.size();
   if (n == 0) return absl::InvalidArgumentError("no inputs: set `texts` or `token_ids`");
@@ -98,6 +111,33 @@ absl::StatusOr<InferenceEngine::PreparedRows> InferenceEngine::PrepareRows(
       if (static_cast<int64_t>(text.size()) > options_.max_text_bytes) {
         return absl::InvalidArgumentError(absl::StrCat("texts[", i, "] is ", text.size(), " bytes; at most ",
                                                        options_.max_text_bytes, " are accepted"));
+      }
+      if (has_pairs && !text_pairs[i].empty()) {
+        // A pair: the shared pair rule, which also truncates (longer text first) when allowed.
+        const std::string& pair = text_pairs[i];
+        if (static_cast<int64_t>(pair.size()) > options_.max_text_bytes) {
+          return absl::InvalidArgumentError(absl::StrCat("text_pairs[", i, "] is ", pair.size(), " bytes; at most ",
+                                                         options_.max_text_bytes, " are accepted"));
+        }
+        int64_t full_length = 0;
+        auto encoded = model::EncodeTextPair(tokenizer, text, pair,
+                                             truncate ? max_sequence_length_ : std::numeric_limits<int64_t>::max(),
+                                             &full_length);
+        if (!encoded.ok()) {
+          return absl::Status(encoded.status().code(), absl::StrCat("texts[", i, "] with text_pairs[", i,
+                                                                    "]: ", encoded.status().message()));
+        }
+        if (full_length > max_sequence_length_) {
+          if (!truncate) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "texts[", i, "] with text_pairs[", i, "] is ", full_length, " tokens; the model takes at most ",
+                max_sequence_length_, " (shorten them, or ask for truncation)"));
+          }
+          prepared.truncated[i] = true;
+        }
+        prepared.lengths[i] = static_cast<int64_t>(encoded->size());
+        prepared.rows[i].ids = *std::move(encoded);
+        continue;
       }
       auto encoded = tokenizer.Encode(text);
       if (!encoded.ok()) {
@@ -162,7 +202,8 @@ batching::RequestInfo SchedulingOf(const std::string& tenant, batching::Priority
 
 absl::StatusOr<EmbedResponse> InferenceEngine::Embed(const EmbedRequest& request, const CallContext& call) {
   DS_ASSIGN_OR_RETURN(std::shared_ptr<const delta::DeltaPack> pack, ResolveTask(request.tenant, request.task));
-  DS_ASSIGN_OR_RETURN(PreparedRows prepared, PrepareRows(request.texts, request.token_ids, request.truncation));
+  DS_ASSIGN_OR_RETURN(PreparedRows prepared,
+                      PrepareRows(request.texts, request.token_ids, request.text_pairs, request.truncation));
   const size_t n = prepared.rows.size();
   std::vector<std::vector<int64_t>> kept_ids;
   if (request.return_token_ids) {
@@ -205,7 +246,8 @@ absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest
     return absl::FailedPreconditionError(absl::StrCat("the delta pack of task \"", request.task.task, "\" (",
                                                       pack->digest(), ") has no head: use Embed"));
   }
-  DS_ASSIGN_OR_RETURN(PreparedRows prepared, PrepareRows(request.texts, request.token_ids, request.truncation));
+  DS_ASSIGN_OR_RETURN(PreparedRows prepared,
+                      PrepareRows(request.texts, request.token_ids, request.text_pairs, request.truncation));
   const size_t n = prepared.rows.size();
   for (auto& row : prepared.rows) {
     row.want_head = true;

@@ -6,7 +6,8 @@
 // Thread-safe: Embed() may be called from any number of threads.
 //
 // Errors (all with a message a user can act on): INVALID_ARGUMENT for empty input, too many inputs, an over-long
-// text or id list (unless truncating), invalid UTF-8, an out-of-range token id, texts and ids mixed;
+// text or id list (unless truncating), invalid UTF-8, an out-of-range token id, texts and ids mixed, text_pairs
+// not one per text (or given with token ids);
 // NOT_FOUND / FAILED_PRECONDITION for a task reference the DeltaResolver cannot serve (or any task reference when
 // the engine has no resolver); FAILED_PRECONDITION for Classify on a pack without a head; the Batcher's
 // RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / CANCELLED / UNAVAILABLE.
@@ -48,6 +49,9 @@ struct EmbedRequest {
   TaskSelector task;
   std::vector<std::string> texts;               // either texts ...
   std::vector<std::vector<int64_t>> token_ids;  // ... or full model inputs, not both
+  // Optional second text of each input (pair tasks): empty, or one per text ("" = no pair for that input).
+  // A pair row's input is model::EncodeTextPair(text, pair), the rule fine-tuning jobs train with.
+  std::vector<std::string> text_pairs;
   bool return_token_embeddings = false;
   bool return_token_ids = false;
   Truncation truncation = Truncation::kDefault;
@@ -77,6 +81,7 @@ struct ClassifyRequest {
   TaskSelector task;  // required
   std::vector<std::string> texts;
   std::vector<std::vector<int64_t>> token_ids;
+  std::vector<std::string> text_pairs;  // as in EmbedRequest
   Truncation truncation = Truncation::kDefault;
   int top_k = 0;  // 0 = all labels
   batching::Priority priority = batching::Priority::kNormal;  // as in EmbedRequest
@@ -167,7 +172,7 @@ class InferenceEngine {
   };
   absl::StatusOr<PreparedRows> PrepareRows(const std::vector<std::string>& texts,
                                            const std::vector<std::vector<int64_t>>& token_ids,
-                                           Truncation truncation) const;
+                                           const std::vector<std::string>& text_pairs, Truncation truncation) const;
   absl::StatusOr<std::shared_ptr<const delta::DeltaPack>> ResolveTask(const std::string& tenant,
                                                                       const TaskSelector& task) const;
   // Runs a batch from the batcher, split by length when padding would waste too much.

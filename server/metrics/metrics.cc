@@ -275,6 +275,69 @@ std::shared_ptr<ServerMetrics::SchedulerSeries> ServerMetrics::MakeSchedulerSeri
   return std::make_shared<SchedulerSeries>(registry);
 }
 
+struct ServerMetrics::TuningSeries {
+  explicit TuningSeries(prometheus::Registry& registry)
+      : jobs_total(prometheus::BuildCounter()
+                       .Name("deltaserve_tuning_jobs_total")
+                       .Help("Fine-tuning jobs entering each state (queued = submitted; succeeded, failed, "
+                             "cancelled = finished).")
+                       .Register(registry)),
+        jobs(prometheus::BuildGauge()
+                 .Name("deltaserve_tuning_jobs")
+                 .Help("Fine-tuning jobs queued and running now.")
+                 .Register(registry)),
+        queued(jobs.Add({{"state", "queued"}})),
+        running(jobs.Add({{"state", "running"}})),
+        steps(prometheus::BuildCounter()
+                  .Name("deltaserve_tuning_steps_total")
+                  .Help("Training steps (optimizer updates) done by fine-tuning jobs.")
+                  .Register(registry)
+                  .Add({})),
+        examples(prometheus::BuildCounter()
+                     .Name("deltaserve_tuning_examples_total")
+                     .Help("Training examples processed by fine-tuning jobs.")
+                     .Register(registry)
+                     .Add({})),
+        step_seconds(prometheus::BuildHistogram()
+                         .Name("deltaserve_tuning_step_seconds")
+                         .Help("Duration of one training step (forward, backward, update).")
+                         .Register(registry)
+                         .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                                                          5, 10, 30})) {
+    for (const char* state : {"queued", "running", "succeeded", "failed", "cancelled"}) {
+      by_state[state] = &jobs_total.Add({{"state", state}});
+    }
+  }
+  prometheus::Family<prometheus::Counter>& jobs_total;
+  prometheus::Family<prometheus::Gauge>& jobs;
+  prometheus::Gauge& queued;
+  prometheus::Gauge& running;
+  prometheus::Counter& steps;
+  prometheus::Counter& examples;
+  prometheus::Histogram& step_seconds;
+  std::map<std::string, prometheus::Counter*, std::less<>> by_state;
+};
+
+std::shared_ptr<ServerMetrics::TuningSeries> ServerMetrics::MakeTuningSeries(prometheus::Registry& registry) {
+  return std::make_shared<TuningSeries>(registry);
+}
+
+void ServerMetrics::OnJobState(absl::string_view state) {
+  auto it = tuning_->by_state.find(state);
+  if (it != tuning_->by_state.end()) it->second->Increment();
+}
+
+void ServerMetrics::OnJobCounts(int64_t queued, int64_t running) {
+  tuning_->queued.Set(static_cast<double>(queued));
+  tuning_->running.Set(static_cast<double>(running));
+}
+
+void ServerMetrics::OnTrainingStep(int64_t examples, absl::Duration duration) {
+  tuning_->steps.Increment();
+  tuning_->examples.Increment(static_cast<double>(examples));
+  tuning_->step_seconds.Observe(absl::ToDoubleSeconds(duration));
+}
+
 std::string ServerMetrics::TenantLabel(const std::string& tenant) {
   const bool valid = !tenant.empty() && tenant.size() <= 64 &&
                      std::all_of(tenant.begin(), tenant.end(), [](char c) {

@@ -20,11 +20,14 @@
 #include "prometheus/registry.h"
 #include "server/batching/batcher.h"
 #include "server/deltas/delta_cache.h"
+#include "server/tuning/job_observer.h"
 
 namespace deltaserve {
 namespace metrics {
 
-class ServerMetrics : public batching::BatcherObserver, public deltas::DeltaCacheObserver {
+class ServerMetrics : public batching::BatcherObserver,
+                      public deltas::DeltaCacheObserver,
+                      public tuning::JobObserver {
  public:
   ServerMetrics();
   ~ServerMetrics() override = default;
@@ -67,6 +70,13 @@ class ServerMetrics : public batching::BatcherObserver, public deltas::DeltaCach
   void OnCacheEviction(deltas::CacheTier tier) override;
   void OnCacheResidency(deltas::CacheTier tier, int64_t bytes, int64_t entries) override;
 
+  // JobObserver: deltaserve_tuning_jobs_total{state} (jobs entering each state), deltaserve_tuning_jobs{state}
+  // (queued / running now), deltaserve_tuning_steps_total, deltaserve_tuning_examples_total,
+  // deltaserve_tuning_step_seconds.
+  void OnJobState(absl::string_view state) override;
+  void OnJobCounts(int64_t queued, int64_t running) override;
+  void OnTrainingStep(int64_t examples, absl::Duration duration) override;
+
   // The text exposition format (version 0.0.4) of every metric.
   std::string Serialize() const;
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
@@ -108,6 +118,10 @@ class ServerMetrics : public batching::BatcherObserver, public deltas::DeltaCach
   struct SchedulerSeries;
   static std::shared_ptr<SchedulerSeries> MakeSchedulerSeries(prometheus::Registry& registry);
   std::shared_ptr<SchedulerSeries> scheduler_ = MakeSchedulerSeries(*registry_);
+  // The fine-tuning jobs' metrics (metrics.cc).
+  struct TuningSeries;
+  static std::shared_ptr<TuningSeries> MakeTuningSeries(prometheus::Registry& registry);
+  std::shared_ptr<TuningSeries> tuning_ = MakeTuningSeries(*registry_);
 };
 
 }  // namespace metrics

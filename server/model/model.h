@@ -159,6 +159,13 @@ class Model {
   // moves them by up to ~1e-4 absolute).
   virtual absl::StatusOr<ForwardOutput> Forward(const ForwardInput& input, ForwardHooks* hooks) const = 0;
 
+  // The same forward pass (same REQUIRES, same outputs as Forward() within float rounding) recorded by autograd
+  // for training: it runs outside inference mode with grad mode on, and uses no in-place ops on tensors autograd
+  // may need, so gradients flow into whatever tensors `hooks` add (delta parameters) and into the weights whose
+  // requires_grad a caller set (full fine-tuning of a private copy: parameters() are ordinary leaf tensors, views
+  // included). The backbone's weights do not require grad otherwise. Slower than Forward(): serving never calls it.
+  virtual absl::StatusOr<ForwardOutput> ForwardTrainable(const ForwardInput& input, ForwardHooks* hooks) const = 0;
+
   // Orders readers of the weights against merge mode, which rewrites them (see the top of this file): hold it
   // shared (absl::ReaderMutexLock) around Forward() and reads of parameters() where a merge may run on another
   // thread. delta::MergedPack holds it exclusively while the weights are merged.

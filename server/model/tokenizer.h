@@ -40,6 +40,20 @@ class Tokenizer {
   virtual int64_t vocab_size() const = 0;
 };
 
+// The model input for `text` and an optional second text `pair` (pair tasks: entailment, paraphrase, ...): the one
+// encoding rule fine-tuning (tuning::EncodeExample) and serving (inference::InferenceEngine, `text_pairs`) share.
+//   - `pair` empty: Encode(text), cut to `max_tokens` by Truncate (the text loses its tail).
+//   - otherwise: Encode(text), then the pair's tokens and the family's trailing special tokens (BERT:
+//     [CLS] a [SEP] b [SEP]; use-lite: a's pieces then b's). Over `max_tokens`, the longer of the two texts loses
+//     its last token, one token at a time, ties trimming the pair (Hugging Face's truncation="longest_first").
+// When `untruncated_tokens` is non-null it is set to the input's length before truncation (so a caller can tell
+// that the input was cut, or refuse it).
+// INVALID_ARGUMENT: `text` (or a non-empty `pair`) is not valid UTF-8 or has no tokens (only whitespace / control
+// characters); `max_tokens` leaves no room for a token of each text after the special tokens.
+absl::StatusOr<std::vector<int64_t>> EncodeTextPair(const Tokenizer& tokenizer, absl::string_view text,
+                                                    absl::string_view pair, int64_t max_tokens,
+                                                    int64_t* untruncated_tokens = nullptr);
+
 }  // namespace model
 }  // namespace deltaserve
 

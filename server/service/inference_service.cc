@@ -23,6 +23,7 @@ inference::EmbedRequest FromProto(const pb::EmbedRequest& in) {
   out.tenant = in.tenant();
   if (in.has_task()) out.task = FromProto(in.task());
   out.texts.assign(in.texts().begin(), in.texts().end());
+  out.text_pairs.assign(in.text_pairs().begin(), in.text_pairs().end());
   out.token_ids.reserve(in.token_ids_size());
   for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
   out.return_token_embeddings = in.return_token_embeddings();
@@ -94,6 +95,7 @@ inference::ClassifyRequest FromProto(const pb::ClassifyRequest& in) {
   out.tenant = in.tenant();
   if (in.has_task()) out.task = FromProto(in.task());
   out.texts.assign(in.texts().begin(), in.texts().end());
+  out.text_pairs.assign(in.text_pairs().begin(), in.text_pairs().end());
   out.token_ids.reserve(in.token_ids_size());
   for (const pb::TokenIds& ids : in.token_ids()) out.token_ids.emplace_back(ids.ids().begin(), ids.ids().end());
   out.truncation = FromProto(in.truncation());

@@ -17,6 +17,7 @@
 #include "delta_store/caching_store.h"
 #include "delta_store/memory_store.h"
 #include "server/service/delta_service.h"
+#include "server/service/tuning_service.h"
 #include "server/service/inference_service.h"
 #include "server/service/parse_error_interceptor.h"
 #include "server/service/version.h"
@@ -116,6 +117,16 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
       DeltaServiceImpl::Options{delta_options.limits.max_bytes});
   builder.RegisterService(server->inference_service_.get());
   builder.RegisterService(server->delta_service_.get());
+  tuning::JobManager::Options job_options = options.jobs;
+  job_options.trainer.model_dir = options.model_dir;
+  job_options.default_tenant = options.deltas.default_tenant;
+  job_options.observer = server->metrics_.get();
+  server->jobs_ = std::make_unique<tuning::JobManager>(server->model_.get(), server->deltas_.get(),
+                                                       server->store_.get(), job_options);
+  DS_RETURN_IF_ERROR(server->jobs_->Start());
+  server->tuning_service_ = std::make_unique<TuningServiceImpl>(
+      server->jobs_.get(), server->metrics_.get(), TuningServiceImpl::Options{job_options.max_dataset_bytes});
+  builder.RegisterService(server->tuning_service_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ParseErrorInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -133,6 +144,7 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->server_->GetHealthCheckService()->SetServingStatus(true);
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.InferenceService", true);
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.DeltaService", true);
+  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.TuningService", true);
   DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_ << ")"
                << (server->metrics_http_ ? absl::StrCat(", metrics on http://", options.metrics_address,
                                                         "/metrics (port ", server->metrics_http_->port(), ")")
@@ -159,6 +171,8 @@ void DeltaServer::Shutdown(absl::Duration drain) {
   if (engine_) engine_->Stop();
   if (metrics_http_) metrics_http_->Stop();
   if (server_) server_->Wait();
+  // Interrupts a running job at its next step; it resumes from its checkpoint at the next start.
+  jobs_.reset();
   DS_LOG(INFO) << "server stopped";
   absl::MutexLock lock(&mu_);
   stopped_ = true;

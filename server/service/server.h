@@ -1,5 +1,6 @@
 // DeltaServer: the whole deltaserve process minus flag parsing: loads the model, builds the inference engine,
-// opens the delta store, starts the gRPC server (InferenceService, DeltaService, grpc.health.v1, reflection) and the metrics HTTP endpoint, and shuts
+// opens the delta store, starts the gRPC server (InferenceService, DeltaService, TuningService, grpc.health.v1,
+// reflection), runs the fine-tuning jobs and the metrics HTTP endpoint, and shuts
 // all of it down gracefully.
 //
 // Owns every component it starts. Thread-safe: Shutdown() may be called from any thread (e.g. a signal thread)
@@ -20,6 +21,7 @@
 #include "server/deltas/delta_manager.h"
 #include "server/inference/inference_engine.h"
 #include "server/model/model.h"
+#include "server/tuning/job_manager.h"
 
 namespace grpc {
 class Server;
@@ -34,6 +36,7 @@ namespace service {
 
 class InferenceServiceImpl;
 class DeltaServiceImpl;
+class TuningServiceImpl;
 
 class DeltaServer {
  public:
@@ -68,6 +71,9 @@ class DeltaServer {
     // Directory of pack files pushed into the store at start ("" = none): <dir>/<task>.dpack for the default
     // tenant, <dir>/<tenant>/<task>.dpack; a file already stored as a version of its task adds nothing.
     std::string delta_dir;
+    // Fine-tuning jobs: where they persist (jobs.jobs_dir, "" = in memory), how many run at once, the trainer's
+    // threads and whether full fine-tuning is allowed. trainer.model_dir is set from model_dir.
+    tuning::JobManager::Options jobs;
     // Device and compute dtype of the model.
     model::ModelOptions model;
     // Request limits and batching.
@@ -105,6 +111,8 @@ class DeltaServer {
   std::unique_ptr<inference::InferenceEngine> engine_;
   std::unique_ptr<InferenceServiceImpl> inference_service_;
   std::unique_ptr<DeltaServiceImpl> delta_service_;
+  std::unique_ptr<tuning::JobManager> jobs_;  // after the model, store and deltas it uses: destroyed before them
+  std::unique_ptr<TuningServiceImpl> tuning_service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<metrics::MetricsHttpServer> metrics_http_;
   int port_ = 0;

@@ -50,6 +50,10 @@ class ParameterHidingModel : public model::Model {
                                                model::ForwardHooks* hooks) const override {
     return inner_->Forward(input, hooks);
   }
+  absl::StatusOr<model::ForwardOutput> ForwardTrainable(const model::ForwardInput& input,
+                                                        model::ForwardHooks* hooks) const override {
+    return inner_->ForwardTrainable(input, hooks);
+  }
 
  private:
   std::shared_ptr<const model::Model> inner_;

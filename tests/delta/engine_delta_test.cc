@@ -131,6 +131,10 @@ class RecordingModel : public model::Model {
     }
     return inner_->Forward(input, hooks);
   }
+  absl::StatusOr<model::ForwardOutput> ForwardTrainable(const model::ForwardInput& input,
+                                                        model::ForwardHooks* hooks) const override {
+    return inner_->ForwardTrainable(input, hooks);
+  }
   std::vector<int64_t> pass_rows() const {
     absl::MutexLock lock(&mu_);
     return pass_rows_;

@@ -1,5 +1,6 @@
 // Unit tests of InferenceEngine's request logic over a fake model (the real models have their own tests, and
-// the integration tests run the real server).
+// the integration tests run the real server), and of model::EncodeTextPair, the pair rule it shares with
+// fine-tuning, over the fake BERT-like tokenizer.
 #include "server/inference/inference_engine.h"
 
 #include <ATen/ops/zeros.h>
@@ -9,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/model/tokenizer.h"
 
 namespace deltaserve {
 namespace inference {
@@ -80,6 +82,10 @@ class FakeModel : public model::Model {
       }
     }
     return out;
+  }
+  absl::StatusOr<model::ForwardOutput> ForwardTrainable(const model::ForwardInput& input,
+                                                        model::ForwardHooks* hooks) const override {
+    return Forward(input, hooks);
   }
 
  private:
@@ -250,6 +256,131 @@ TEST_F(InferenceEngineTest, AnswersUnavailableAfterStop) {
   EmbedRequest request;
   request.texts = {"a"};
   EXPECT_EQ(engine->Embed(request, {}).status().code(), absl::StatusCode::kUnavailable);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Text pairs: model::EncodeTextPair (the rule fine-tuning trains with) and the engine's `text_pairs`.
+
+TEST(EncodeTextPairTest, JoinsTheTextsWithTheTrailingSpecialsAndTrimsTheLongerTextFirst) {
+  FakeTokenizer tok;
+  int64_t full = 0;
+  auto pair = model::EncodeTextPair(tok, "a bb", "ccc", 64, &full);
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  EXPECT_THAT(*pair, ElementsAre(1, 11, 12, 2, 13, 2));  // [CLS] a bb [SEP] ccc [SEP]
+  EXPECT_EQ(full, 6);
+  // No pair: Encode, cut by Truncate.
+  auto single = model::EncodeTextPair(tok, "a bb ccc", "", 4, &full);
+  ASSERT_TRUE(single.ok()) << single.status();
+  EXPECT_THAT(*single, ElementsAre(1, 11, 12, 2));
+  EXPECT_EQ(full, 5);
+  // Over the limit: the longer text loses its tail first ...
+  auto cut = model::EncodeTextPair(tok, "a b c d", "bb", 6, &full);
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  EXPECT_THAT(*cut, ElementsAre(1, 11, 11, 2, 12, 2));
+  EXPECT_EQ(full, 8);
+  auto cut_pair = model::EncodeTextPair(tok, "bb", "a b c d", 6);
+  ASSERT_TRUE(cut_pair.ok()) << cut_pair.status();
+  EXPECT_THAT(*cut_pair, ElementsAre(1, 12, 2, 11, 11, 2));
+  // ... then both alternately, ties trimming the pair.
+  auto both = model::EncodeTextPair(tok, "a bb", "ccc dddd", 5);
+  ASSERT_TRUE(both.ok()) << both.status();
+  EXPECT_THAT(*both, ElementsAre(1, 11, 2, 13, 2));
+  // Errors say which text.
+  EXPECT_THAT(model::EncodeTextPair(tok, "a", " ", 64).status().message(), HasSubstr("the text pair has no tokens"));
+  EXPECT_THAT(model::EncodeTextPair(tok, " ", "a", 64).status().message(), HasSubstr("the text has no tokens"));
+  EXPECT_THAT(model::EncodeTextPair(tok, "a", "b\xff", 64).status().message(),
+              HasSubstr("the text pair: text is not valid UTF-8"));
+  auto no_room = model::EncodeTextPair(tok, "a", "b", 4);
+  EXPECT_EQ(no_room.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(no_room.status().message(), HasSubstr("no room for a text pair"));
+}
+
+TEST_F(InferenceEngineTest, EncodesTextPairsWithTheSharedPairRuleRowByRow) {
+  auto engine = MakeEngine();
+  EmbedRequest request;
+  request.texts = {"a bb", "ccc", "d"};
+  request.text_pairs = {"eeeee", "", "ff"};  // "" = no pair for that text
+  request.return_token_ids = true;
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->results.size(), 3u);
+  EXPECT_EQ(r->results[0].token_ids, *model::EncodeTextPair(FakeTokenizer(), "a bb", "eeeee", 8));
+  EXPECT_THAT(r->results[0].token_ids, ElementsAre(1, 11, 12, 2, 15, 2));
+  EXPECT_THAT(r->results[1].token_ids, ElementsAre(1, 13, 2));
+  EXPECT_THAT(r->results[2].token_ids, ElementsAre(1, 11, 2, 12, 2));
+  EXPECT_EQ(r->results[0].num_tokens, 6);
+  EXPECT_THAT(r->results[0].embedding, ElementsAre(1 + 11 + 12 + 2 + 15 + 2, 6));
+  for (const EmbedResult& result : r->results) EXPECT_FALSE(result.truncated);
+  EXPECT_EQ(r->total_tokens, 6 + 3 + 5);
+}
+
+TEST_F(InferenceEngineTest, TruncatesOverLongPairsLongerTextFirstOrRejectsThemWhenTruncationIsOff) {
+  auto engine = MakeEngine();
+  EmbedRequest request;
+  request.texts = {"a b c d e f", "a"};
+  request.text_pairs = {"bb", "cc"};
+  request.return_token_ids = true;
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->results[0].truncated);
+  EXPECT_THAT(r->results[0].token_ids, ElementsAre(1, 11, 11, 11, 11, 2, 12, 2));  // 8 = the model's maximum
+  EXPECT_EQ(r->results[0].num_tokens, 8);
+  EXPECT_FALSE(r->results[1].truncated);
+
+  request.truncation = Truncation::kError;
+  auto refused = engine->Embed(request, {});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("texts[0] with text_pairs[0] is 10 tokens"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("at most 8"));
+}
+
+TEST_F(InferenceEngineTest, RejectsTextPairsThatAreNotOnePerTextOrComeWithTokenIds) {
+  auto engine = MakeEngine();
+  struct Case {
+    EmbedRequest request;
+    std::string message;
+  };
+  std::vector<Case> cases;
+  {
+    EmbedRequest r;
+    r.texts = {"a", "b"};
+    r.text_pairs = {"c", "d", "e"};
+    cases.push_back({r, "text_pairs has 3 entries but texts has 2: give one per text, or none"});
+  }
+  {
+    EmbedRequest r;
+    r.token_ids = {{1, 11, 2}};
+    r.text_pairs = {"c"};
+    cases.push_back({r, "not with `token_ids`"});
+  }
+  {
+    EmbedRequest r;
+    r.text_pairs = {"c"};
+    cases.push_back({r, "text_pairs has 1 entries but texts has 0"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"a", "b"};
+    r.text_pairs = {"c", std::string((1 << 20) + 1, 'a')};
+    cases.push_back({r, "text_pairs[1] is 1048577 bytes"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"a", "b"};
+    r.text_pairs = {"c", "   "};
+    cases.push_back({r, "texts[1] with text_pairs[1]: the text pair has no tokens"});
+  }
+  {
+    EmbedRequest r;
+    r.texts = {"a"};
+    r.text_pairs = {"c \xff"};
+    cases.push_back({r, "texts[0] with text_pairs[0]: the text pair: text is not valid UTF-8"});
+  }
+  for (const Case& c : cases) {
+    auto r = engine->Embed(c.request, {});
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.message;
+    EXPECT_THAT(r.status().message(), HasSubstr(c.message));
+  }
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "c10/core/GradMode.h"
 #include "c10/core/InferenceMode.h"
 #include "c10/util/BFloat16.h"
 #include "nlohmann/json.hpp"
@@ -304,6 +305,7 @@ struct NormWeights {
 struct LayerWeights {
   at::Tensor qkv_weight;  // [3H, H]: query, key, value
   at::Tensor qkv_bias;    // [3H]
+  at::Tensor qkv_part_w[3], qkv_part_b[3];  // views into those (the very tensors parameters() holds)
   size_t query = 0, key = 0, value = 0, attention = 0, attention_block = 0, output_block = 0;
   LinearWeights attention_output;
   NormWeights attention_norm;
@@ -319,13 +321,16 @@ class BertModel : public Model {
   const std::vector<ModuleInfo>& modules() const override { return modules_; }
   const std::map<std::string, at::Tensor>& parameters() const override { return parameters_; }
   absl::StatusOr<ForwardOutput> Forward(const ForwardInput& input, ForwardHooks* hooks) const override;
+  absl::StatusOr<ForwardOutput> ForwardTrainable(const ForwardInput& input, ForwardHooks* hooks) const override;
 
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, const ModelOptions& options);
 
  private:
   BertModel() = default;
   absl::Status ValidateInput(const ForwardInput& input) const;
-  absl::Status Run(const ForwardInput& input, ForwardHooks* hooks, ForwardOutput* out) const;
+  // `trainable`: ForwardTrainable's autograd-friendly variant (no inference mode, no in-place ops on tensors
+  // autograd may save, weights read through the tensors parameters() holds).
+  absl::Status Run(const ForwardInput& input, ForwardHooks* hooks, bool trainable, ForwardOutput* out) const;
   size_t AddModule(ModuleInfo m) {
     modules_.push_back(std::move(m));
     return modules_.size() - 1;
@@ -350,7 +355,8 @@ class BertModel : public Model {
 
   at::Tensor word_embeddings_;
   at::Tensor position_embeddings_;
-  at::Tensor token_type_row0_;  // [E]: token type 0
+  at::Tensor token_type_embeddings_;  // [type_vocab_size, E]
+  at::Tensor token_type_row0_;        // [E]: token type 0 (a view of the above)
   size_t word_embeddings_module_ = 0;
   NormWeights embeddings_norm_;
   bool has_projection_ = false;
@@ -445,6 +451,7 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
         m->word_embeddings_ = m->Place("embeddings.word_embeddings.weight", word);
         m->position_embeddings_ = m->Place("embeddings.position_embeddings.weight", pos);
         at::Tensor t = m->Place("embeddings.token_type_embeddings.weight", type);
+        m->token_type_embeddings_ = t;
         m->token_type_row0_ = t[0];
         m->embeddings_norm_.weight = m->Place("embeddings.LayerNorm.weight", ln_w);
         m->embeddings_norm_.bias = m->Place("embeddings.LayerNorm.bias", ln_b);
@@ -539,8 +546,10 @@ absl::StatusOr<std::unique_ptr<Model>> BertModel::Load(const std::string& dir, c
           const char* names[] = {"query", "key", "value"};
           for (int64_t k = 0; k < 3; ++k) {
             const std::string base = p + "attention.self." + names[k];
-            m->parameters_[base + ".weight"] = L.qkv_weight.narrow(0, k * H, H);
-            m->parameters_[base + ".bias"] = L.qkv_bias.narrow(0, k * H, H);
+            L.qkv_part_w[k] = L.qkv_weight.narrow(0, k * H, H);
+            L.qkv_part_b[k] = L.qkv_bias.narrow(0, k * H, H);
+            m->parameters_[base + ".weight"] = L.qkv_part_w[k];
+            m->parameters_[base + ".bias"] = L.qkv_part_b[k];
           }
           for (size_t k = 0; k < pending.size(); ++k) {
             const Pending& q = pending[k];
@@ -610,18 +619,43 @@ absl::StatusOr<ForwardOutput> BertModel::Forward(const ForwardInput& input, Forw
   DS_RETURN_IF_ERROR(ValidateInput(input));
   ForwardOutput out;
   absl::Status inner;
-  DS_RETURN_IF_ERROR(TorchCallVoid([&] { inner = Run(input, hooks, &out); }, "bert forward"));
+  DS_RETURN_IF_ERROR(TorchCallVoid(
+      [&] {
+        c10::InferenceMode inference_mode;
+        inner = Run(input, hooks, /*trainable=*/false, &out);
+      },
+      "bert forward"));
   DS_RETURN_IF_ERROR(inner);
   return out;
 }
 
-absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, ForwardOutput* out) const {
-  c10::InferenceMode inference_mode;
+absl::StatusOr<ForwardOutput> BertModel::ForwardTrainable(const ForwardInput& input, ForwardHooks* hooks) const {
+  DS_RETURN_IF_ERROR(ValidateInput(input));
+  ForwardOutput out;
+  absl::Status inner;
+  DS_RETURN_IF_ERROR(TorchCallVoid(
+      [&] {
+        c10::InferenceMode no_inference(/*enabled=*/false);
+        c10::AutoGradMode grad(/*enabled=*/true);
+        inner = Run(input, hooks, /*trainable=*/true, &out);
+      },
+      "bert trainable forward"));
+  DS_RETURN_IF_ERROR(inner);
+  return out;
+}
+
+absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool trainable,
+                            ForwardOutput* out) const {
   const BertConfig& c = config_;
   const int64_t H = c.hidden_size, E = c.embedding_size, NH = c.num_heads, DH = H / NH;
   const double scale = std::sqrt(static_cast<double>(DH));
   at::Tensor ids = input.input_ids.to(device_);
   at::Tensor mask = input.attention_mask.to(device_);
+  if (trainable) {
+    // Autograd cannot save inference tensors (inputs made under inference mode) for the backward pass.
+    if (ids.is_inference()) ids = ids.clone();
+    if (mask.is_inference()) mask = mask.clone();
+  }
   const int64_t B = ids.size(0);
 
   at::Tensor x = at::embedding(word_embeddings_, ids);  // [B,T,E]
@@ -653,7 +687,8 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
                                                      c.max_sequence_length));
     }
   }
-  x = x + token_type_row0_;
+  // Trainable: the row taken now, so that it tracks a token-type table that requires grad.
+  x = x + (trainable ? token_type_embeddings_.select(0, 0) : token_type_row0_);
   x = x + at::embedding(position_embeddings_, positions);
   {
     at::Tensor pre = x;
@@ -670,7 +705,18 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
 
   for (const LayerWeights& L : layers_) {
     const int64_t T = x.size(1);
-    at::Tensor qkv = at::linear(x, L.qkv_weight, L.qkv_bias);  // [B,T,3H]
+    at::Tensor qkv_w = L.qkv_weight, qkv_b = L.qkv_bias;
+    if (trainable) {
+      // A caller training the weights themselves set requires_grad on the query/key/value views: fuse those, so
+      // that gradients reach them (the fused tensors do not track the views).
+      bool any = false;
+      for (int k = 0; k < 3; ++k) any = any || L.qkv_part_w[k].requires_grad() || L.qkv_part_b[k].requires_grad();
+      if (any) {
+        qkv_w = at::cat({L.qkv_part_w[0], L.qkv_part_w[1], L.qkv_part_w[2]}, 0);
+        qkv_b = at::cat({L.qkv_part_b[0], L.qkv_part_b[1], L.qkv_part_b[2]}, 0);
+      }
+    }
+    at::Tensor qkv = at::linear(x, qkv_w, qkv_b);  // [B,T,3H]
     at::Tensor q = qkv.narrow(-1, 0, H);
     at::Tensor k = qkv.narrow(-1, H, H);
     at::Tensor v = qkv.narrow(-1, 2 * H, H);
@@ -699,8 +745,12 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, Forw
       add_mask = AttentionMask(key_mask.to(device_));
     }
     at::Tensor scores = at::matmul(q, k.transpose(-1, -2));  // [B,NH,T,Tk]
-    scores.div_(scale);
-    scores.add_(add_mask);
+    if (trainable) {
+      scores = scores / scale + add_mask;
+    } else {
+      scores.div_(scale);
+      scores.add_(add_mask);
+    }
     at::Tensor probs = at::softmax(scores, -1);
     at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({B, T, H});
     if (hooks != nullptr) hooks->OnLinearInput(modules_[L.attention_output.module], &context);

@@ -15,6 +15,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/softmax.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 
 #include "absl/strings/str_cat.h"
@@ -100,6 +101,7 @@ struct LayerWeights {
   at::Tensor ln1_w, ln1_b;
   at::Tensor res_w, res_b;
   at::Tensor qkv_w, qkv_b;  // fused [3d, d] / [3d]; query/key/value parameters are views into these
+  at::Tensor qkv_part_w[3], qkv_part_b[3];  // those views (the very tensors parameters() holds)
   at::Tensor out_w, out_b;
   at::Tensor ln2_w, ln2_b;
   at::Tensor ffn1_w, ffn1_b;
@@ -115,12 +117,14 @@ class UseLiteModel : public Model {
   const std::vector<ModuleInfo>& modules() const override { return modules_; }
   const std::map<std::string, at::Tensor>& parameters() const override { return parameters_; }
   absl::StatusOr<ForwardOutput> Forward(const ForwardInput& input, ForwardHooks* hooks) const override;
+  absl::StatusOr<ForwardOutput> ForwardTrainable(const ForwardInput& input, ForwardHooks* hooks) const override;
 
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, const ModelOptions& options);
 
  private:
   absl::Status ValidateInput(const ForwardInput& input) const;
-  absl::StatusOr<ForwardOutput> Run(const ForwardInput& input, ForwardHooks* hooks) const;
+  // `trainable`: the autograd-friendly variant of ForwardTrainable (the caller sets the grad modes).
+  absl::StatusOr<ForwardOutput> Run(const ForwardInput& input, ForwardHooks* hooks, bool trainable) const;
 
   ModelInfo info_;
   std::unique_ptr<UseLiteTokenizer> tokenizer_;
@@ -322,8 +326,10 @@ absl::StatusOr<std::unique_ptr<Model>> UseLiteModel::Load(const std::string& dir
     DS_ASSIGN_OR_RETURN(L.qkv_w, TorchCall([&] { return at::cat(ws, 0); }, "fusing qkv"));
     DS_ASSIGN_OR_RETURN(L.qkv_b, TorchCall([&] { return at::cat(bs, 0); }, "fusing qkv"));
     for (int i = 0; i < 3; ++i) {
-      model->parameters_[infos[i]->name + ".weight"] = L.qkv_w.narrow(0, i * d, d);
-      model->parameters_[infos[i]->name + ".bias"] = L.qkv_b.narrow(0, i * d, d);
+      L.qkv_part_w[i] = L.qkv_w.narrow(0, i * d, d);
+      L.qkv_part_b[i] = L.qkv_b.narrow(0, i * d, d);
+      model->parameters_[infos[i]->name + ".weight"] = L.qkv_part_w[i];
+      model->parameters_[infos[i]->name + ".bias"] = L.qkv_part_b[i];
     }
     L.attention = MakeModule(p + "attention.self", ModuleKind::kAttention, l, d, d, false);
     L.attention.num_heads = L.num_heads;
@@ -394,17 +400,36 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Forward(const ForwardInput& input, F
   absl::StatusOr<absl::StatusOr<ForwardOutput>> out = TorchCall(
       [&] {
         c10::InferenceMode guard;
-        return Run(input, hooks);
+        return Run(input, hooks, /*trainable=*/false);
       },
       "use-lite forward");
   if (!out.ok()) return out.status();
   return *std::move(out);
 }
 
-absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, ForwardHooks* hooks) const {
+absl::StatusOr<ForwardOutput> UseLiteModel::ForwardTrainable(const ForwardInput& input, ForwardHooks* hooks) const {
+  DS_RETURN_IF_ERROR(ValidateInput(input));
+  absl::StatusOr<absl::StatusOr<ForwardOutput>> out = TorchCall(
+      [&] {
+        c10::InferenceMode no_inference(/*enabled=*/false);
+        c10::AutoGradMode grad(/*enabled=*/true);
+        return Run(input, hooks, /*trainable=*/true);
+      },
+      "use-lite trainable forward");
+  if (!out.ok()) return out.status();
+  return *std::move(out);
+}
+
+absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, ForwardHooks* hooks,
+                                                 bool trainable) const {
   const int64_t batch = input.input_ids.size(0);
   at::Tensor ids = input.input_ids.to(device_);
   at::Tensor mask = input.attention_mask.to(device_);
+  if (trainable) {
+    // Autograd cannot save inference tensors (inputs made under inference mode) for the backward pass.
+    if (ids.is_inference()) ids = ids.clone();
+    if (mask.is_inference()) mask = mask.clone();
+  }
 
   at::Tensor hidden = at::embedding(word_embeddings_, ids);  // [B,T,E]
   if (hooks != nullptr) {
@@ -439,7 +464,18 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
       residual = residual.mul(mask3);
     }
 
-    const at::Tensor qkv = at::linear(h, L.qkv_w, L.qkv_b);  // [B,T,3d]
+    at::Tensor qkv_w = L.qkv_w, qkv_b = L.qkv_b;
+    if (trainable) {
+      // A caller training the weights themselves set requires_grad on the query/key/value views: fuse those, so
+      // that gradients reach them (the fused tensors do not track the views).
+      bool any = false;
+      for (int i = 0; i < 3; ++i) any = any || L.qkv_part_w[i].requires_grad() || L.qkv_part_b[i].requires_grad();
+      if (any) {
+        qkv_w = at::cat({L.qkv_part_w[0], L.qkv_part_w[1], L.qkv_part_w[2]}, 0);
+        qkv_b = at::cat({L.qkv_part_b[0], L.qkv_part_b[1], L.qkv_part_b[2]}, 0);
+      }
+    }
+    const at::Tensor qkv = at::linear(h, qkv_w, qkv_b);  // [B,T,3d]
     at::Tensor q = qkv.narrow(-1, 0, d);
     at::Tensor k = qkv.narrow(-1, d, d);
     at::Tensor v = qkv.narrow(-1, 2 * d, d);

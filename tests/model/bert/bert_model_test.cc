@@ -21,6 +21,8 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/abs.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
@@ -264,6 +266,71 @@ TEST_F(BertModelTest, PaddedRowEqualsSoloRow) {
     auto w = model->Forward(wider, nullptr);
     ASSERT_TRUE(w.ok()) << w.status();
     EXPECT_LE(MaxAbsDiff(w->pooled, out->pooled), 1e-5) << name;
+  }
+}
+
+TEST_F(BertModelTest, ForwardTrainableEqualsForward) {
+  for (const char* name : {"bert", "roberta", "electra"}) {
+    auto model = Load(name);
+    ASSERT_NE(model, nullptr);
+    for (const Case& c : Cases(name)) {
+      auto out = model->Forward(c.input, nullptr);
+      auto trained = model->ForwardTrainable(c.input, nullptr);
+      ASSERT_TRUE(out.ok()) << out.status();
+      ASSERT_TRUE(trained.ok()) << trained.status();
+      ASSERT_EQ(trained->hidden_states.sizes(), out->hidden_states.sizes());
+      EXPECT_LE(MaxAbsDiff(trained->hidden_states, out->hidden_states), 1e-6) << name;
+      EXPECT_LE(MaxAbsDiff(trained->pooled, out->pooled), 1e-6) << name;
+      EXPECT_FALSE(trained->pooled.requires_grad()) << name << ": the backbone's weights do not require grad";
+    }
+  }
+}
+
+// Full fine-tuning of a private copy: requires_grad on every parameter (the query / key / value views of the fused
+// projection included) and a backward pass reach every parameter; the gradient matches a finite difference.
+TEST_F(BertModelTest, ForwardTrainableGivesGradientsToWeightsThatRequireThem) {
+  for (const char* name : {"bert", "electra"}) {
+    auto model = Load(name);
+    ASSERT_NE(model, nullptr);
+    const Case c = Cases(name)[0];
+    auto before = model->Forward(c.input, nullptr);
+    ASSERT_TRUE(before.ok()) << before.status();
+    for (const auto& [pname, t] : model->parameters()) const_cast<at::Tensor&>(t).requires_grad_(true);
+    const at::Tensor probe = at::randn(before->pooled.sizes(), at::kFloat);
+    auto loss_of = [&](const ForwardOutput& out) { return out.pooled.mul(probe).sum(); };
+    auto trained = model->ForwardTrainable(c.input, nullptr);
+    ASSERT_TRUE(trained.ok()) << trained.status();
+    EXPECT_LE(MaxAbsDiff(trained->pooled, before->pooled), 1e-6) << name;
+    at::Tensor loss = loss_of(*trained);
+    loss.backward();
+    for (const auto& [pname, t] : model->parameters()) {
+      ASSERT_TRUE(t.grad().defined()) << name << " " << pname;
+      EXPECT_TRUE(t.grad().isfinite().all().item<bool>()) << name << " " << pname;
+    }
+    const at::Tensor& query = model->parameters().at("encoder.layer.0.attention.self.query.weight");
+    const at::Tensor& types = model->parameters().at("embeddings.token_type_embeddings.weight");
+    EXPECT_GT(query.grad().abs().max().item<double>(), 0) << name;
+    EXPECT_GT(types.grad()[0].abs().max().item<double>(), 0) << name;
+    EXPECT_EQ(types.grad()[1].abs().max().item<double>(), 0) << name << ": token type 1 is never used";
+    // d loss / d query[0][0] by central difference (the forward under inference mode sees the updated weight).
+    const double g = query.grad()[0][0].item<double>();
+    const double h = 1e-2;
+    double loss_at[2];
+    for (int side = 0; side < 2; ++side) {
+      {
+        at::NoGradGuard no_grad;
+        query[0][0].add_(side == 0 ? h : -2 * h);
+      }
+      auto out = model->Forward(c.input, nullptr);
+      ASSERT_TRUE(out.ok()) << out.status();
+      loss_at[side] = loss_of(*out).item<double>();
+    }
+    {
+      at::NoGradGuard no_grad;
+      query[0][0].add_(h);
+    }
+    const double numeric = (loss_at[0] - loss_at[1]) / (2 * h);
+    EXPECT_NEAR(g, numeric, 2e-2 * std::max(1.0, std::abs(numeric))) << name;
   }
 }
 

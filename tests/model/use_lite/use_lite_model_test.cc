@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/allclose.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/equal.h>
@@ -221,6 +223,66 @@ TEST_F(UseLiteModelTest, PaddedBatchRowsEqualSoloRuns) {
     max_diff = std::max(max_diff, pooled_diff);
   }
   std::printf("max |padded - solo| of pooled: %.3g\n", max_diff);
+}
+
+TEST_F(UseLiteModelTest, ForwardTrainableEqualsForward) {
+  const Reference ref = LoadReference("reference_embeddings.json");
+  const ForwardInput input = MakeBatch(ref.ids);
+  auto out = model_->Forward(input, nullptr);
+  auto trained = model_->ForwardTrainable(input, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  ASSERT_EQ(trained->hidden_states.sizes(), out->hidden_states.sizes());
+  EXPECT_LE(trained->pooled.sub(out->pooled).abs().max().item<double>(), 1e-6);
+  // |h| reaches ~30: relative to the magnitude.
+  EXPECT_LE(trained->hidden_states.sub(out->hidden_states).abs().max().item<double>(), 1e-6 * 32);
+  EXPECT_FALSE(trained->pooled.requires_grad()) << "the backbone's weights do not require grad";
+}
+
+// Full fine-tuning of a private copy: requires_grad on the parameters (the query / key / value views of the fused
+// projection included) and a backward pass reach them; the gradient matches a finite difference.
+TEST_F(UseLiteModelTest, ForwardTrainableGivesGradientsToWeightsThatRequireThem) {
+  auto loaded = LoadUseLiteModel(testing::UseLiteModelDir(), ModelOptions());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  std::unique_ptr<Model> model = std::move(loaded).value();
+  const Reference ref = LoadReference("reference_embeddings.json");
+  const ForwardInput input = MakeBatch(ref.ids);
+  auto before = model->Forward(input, nullptr);
+  ASSERT_TRUE(before.ok()) << before.status();
+  const std::vector<std::string> names = {
+      "encoder.layer.0.attention.self.key.weight", "encoder.layer.0.attention.self.value.bias",
+      "encoder.layer.1.output.dense.weight", "embeddings.word_embeddings.weight", "pooler.dense.bias"};
+  for (const std::string& name : names) const_cast<at::Tensor&>(model->parameters().at(name)).requires_grad_(true);
+  at::Tensor probe = at::zeros(before->pooled.sizes(), at::kFloat);
+  probe.select(1, 0).fill_(1);
+  probe.select(1, 7).fill_(-2);
+  auto loss_of = [&](const ForwardOutput& out) { return out.pooled.mul(probe).sum(); };
+  auto trained = model->ForwardTrainable(input, nullptr);
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  EXPECT_LE(trained->pooled.sub(before->pooled).abs().max().item<double>(), 1e-6);
+  loss_of(*trained).backward();
+  for (const auto& [name, t] : model->parameters()) {
+    const bool trains = std::find(names.begin(), names.end(), name) != names.end();
+    EXPECT_EQ(t.grad().defined(), trains) << name;
+    if (!trains) continue;
+    EXPECT_TRUE(t.grad().isfinite().all().item<bool>()) << name;
+    EXPECT_GT(t.grad().abs().max().item<double>(), 0) << name;
+  }
+  const at::Tensor& key = model->parameters().at(names[0]);
+  const double g = key.grad()[3][5].item<double>();
+  const double h = 1e-2;
+  double loss_at[2];
+  for (int side = 0; side < 2; ++side) {
+    {
+      at::NoGradGuard no_grad;
+      key[3][5].add_(side == 0 ? h : -2 * h);
+    }
+    auto out = model->Forward(input, nullptr);
+    ASSERT_TRUE(out.ok()) << out.status();
+    loss_at[side] = loss_of(*out).item<double>();
+  }
+  const double numeric = (loss_at[0] - loss_at[1]) / (2 * h);
+  EXPECT_NEAR(g, numeric, 2e-2 * std::max(std::abs(numeric), 1e-3)) << "finite difference " << numeric;
 }
 
 TEST_F(UseLiteModelTest, OutOfRangeIdIsInvalidArgument) {
