@@ -15,9 +15,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "client/client.h"
+#include "deltaserve/v1/tuning.grpc.pb.h"
 #include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "server/common/sha256.h"
 #include "tests/server/server_process.h"
 
 namespace deltaserve {
@@ -499,6 +502,55 @@ TEST_F(TuningIntegrationTest, PairTaskTrainsAndServesWithTextPairs) {
   EXPECT_EQ(out["results"][0]["text_pair"], "a dog by the river");
   EXPECT_EQ(out["results"][0]["labels"][0]["label"], "same");
   EXPECT_EQ(out["results"][1]["labels"][0]["label"], "different");
+}
+
+TEST_F(TuningIntegrationTest, BadUploadsAndNonNumericRegressionLabelsGetClearStatuses) {
+  StartServer({"--max_dataset_bytes=2000"});
+  // Over the limit: RESOURCE_EXHAUSTED naming it.
+  auto big = client_->UploadDataset("", SentimentTsv(200, 9));
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(big.status().message()), HasSubstr("2000"));
+  EXPECT_EQ(client_->UploadDataset("", "").status().code(), absl::StatusCode::kInvalidArgument);
+
+  // Raw streams: a damaged upload, a wrong announced size, a chunk before the header.
+  auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+  auto stub = pb::TuningService::NewStub(channel);
+  auto upload = [&](const std::vector<pb::UploadDatasetRequest>& messages) {
+    grpc::ClientContext context;
+    pb::UploadDatasetResponse response;
+    auto writer = stub->UploadDataset(&context, &response);
+    for (const auto& m : messages) {
+      if (!writer->Write(m)) break;
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  };
+  const std::string bytes = SentimentTsv(10, 10);
+  pb::UploadDatasetRequest header, chunk;
+  header.mutable_header()->set_expected_digest(Sha256Digest("something else"));
+  chunk.set_chunk(bytes);
+  grpc::Status damaged = upload({header, chunk});
+  EXPECT_EQ(damaged.error_code(), grpc::StatusCode::DATA_LOSS) << damaged.error_message();
+  header.mutable_header()->clear_expected_digest();
+  header.mutable_header()->set_size_bytes(static_cast<int64_t>(bytes.size()) + 1);
+  grpc::Status short_upload = upload({header, chunk});
+  EXPECT_EQ(short_upload.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(short_upload.error_message(), HasSubstr("announced"));
+  grpc::Status headless = upload({chunk});
+  EXPECT_EQ(headless.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(headless.error_message(), HasSubstr("header"));
+
+  // A regression job whose labels are not numbers names the line.
+  auto uploaded = client_->UploadDataset("", "text\tlabel\nfirst\t0.5\nsecond\tlots\n");
+  ASSERT_TRUE(uploaded.ok()) << uploaded.status();
+  pb::SubmitJobRequest request = LoraJob("scores", uploaded->digest());
+  request.mutable_spec()->mutable_head()->set_type("regression");
+  request.mutable_spec()->set_validation_fraction(0.5);
+  auto submitted = client_->SubmitJob(request);
+  ASSERT_FALSE(submitted.ok());
+  EXPECT_EQ(submitted.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(submitted.status().message()), HasSubstr("line 3"));
 }
 
 }  // namespace
