@@ -267,6 +267,12 @@ class Run {
   absl::StatusOr<EvalMetrics> Evaluate();
   absl::Status SaveCheckpoint();
   absl::StatusOr<model::ForwardInput> MakeInput(const std::vector<const EncodedExample*>& rows) const;
+  // A head alone (no method, not `full`) sees a backbone that never changes: the sentence embeddings of every
+  // example are computed once, and training and evaluation run the head on them (a linear probe costs one
+  // forward per example, not one per epoch). Fills train_pooled_ / validation_pooled_.
+  absl::Status EmbedOnce();
+  // The sentence embeddings of `rows` from the frozen backbone, batched, outside autograd.
+  absl::StatusOr<at::Tensor> Embed(const std::vector<EncodedExample>& rows);
   std::map<std::string, at::Tensor> Snapshot() const;
   absl::Status LoadInto(const std::map<std::string, at::Tensor>& values);
   bool Cancelled() const { return callbacks_.is_cancelled && callbacks_.is_cancelled(); }
@@ -289,6 +295,8 @@ class Run {
   std::vector<std::pair<std::string, at::Tensor>> params_;  // every trainable tensor (delta, + backbone)
   std::unique_ptr<AdamW> optimizer_;
   std::vector<EncodedExample> train_, validation_;
+  bool head_only_ = false;
+  at::Tensor train_pooled_, validation_pooled_;  // head_only_: [N, D] embeddings, in example order
   bool classification_ = true;
   int64_t num_classes_ = 0;
   int64_t steps_per_epoch_ = 0, total_steps_ = 0, warmup_steps_ = 0, epochs_to_run_ = 0;
@@ -426,14 +434,28 @@ absl::StatusOr<double> Run::TrainStep(const std::vector<int64_t>& indices, doubl
   std::vector<const EncodedExample*> rows;
   rows.reserve(indices.size());
   for (int64_t i : indices) rows.push_back(&train_[i]);
-  DS_ASSIGN_OR_RETURN(model::ForwardInput input, MakeInput(rows));
+  model::ForwardInput input;
+  if (!head_only_) {
+    DS_ASSIGN_OR_RETURN(input, MakeInput(rows));
+  }
   const c10::Device device(model_->info().device);
   const int64_t step_number = state_.step + 1;
   double loss_value = 0;
   {
     MaybeReaderLock lock(lock_);
-    DS_ASSIGN_OR_RETURN(model::ForwardOutput out, model_->ForwardTrainable(input, delta_.get()));
-    DS_ASSIGN_OR_RETURN(at::Tensor logits, delta_->HeadForward(out.pooled));
+    at::Tensor pooled;
+    if (head_only_) {
+      DS_ASSIGN_OR_RETURN(pooled, TorchCall(
+                                      [&] {
+                                        at::Tensor index = at::tensor(indices, at::TensorOptions().dtype(at::kLong));
+                                        return train_pooled_.index_select(0, index.to(train_pooled_.device()));
+                                      },
+                                      "trainer: cached embeddings"));
+    } else {
+      DS_ASSIGN_OR_RETURN(model::ForwardOutput out, model_->ForwardTrainable(input, delta_.get()));
+      pooled = out.pooled;
+    }
+    DS_ASSIGN_OR_RETURN(at::Tensor logits, delta_->HeadForward(pooled));
     DS_ASSIGN_OR_RETURN(
         at::Tensor loss, TorchCall(
                              [&] {
@@ -487,19 +509,28 @@ absl::StatusOr<EvalMetrics> Run::Evaluate() {
     if (Cancelled()) return absl::CancelledError("the job was cancelled");
     std::vector<const EncodedExample*> rows;
     for (int64_t i = begin; i < std::min(n, begin + batch); ++i) rows.push_back(&validation_[i]);
-    DS_ASSIGN_OR_RETURN(model::ForwardInput input, MakeInput(rows));
+    model::ForwardInput input;
+    if (!head_only_) {
+      DS_ASSIGN_OR_RETURN(input, MakeInput(rows));
+    }
     MaybeReaderLock lock(lock_);
     absl::Status inner;
     DS_RETURN_IF_ERROR(TorchCallVoid(
         [&] {
           // The serving forward (inference mode, no autograd record) with the delta's hooks.
           c10::InferenceMode guard;
-          absl::StatusOr<model::ForwardOutput> out = model_->Forward(input, delta_.get());
-          if (!out.ok()) {
-            inner = out.status();
-            return;
+          at::Tensor pooled;
+          if (head_only_) {
+            pooled = validation_pooled_.narrow(0, begin, static_cast<int64_t>(rows.size()));
+          } else {
+            absl::StatusOr<model::ForwardOutput> out = model_->Forward(input, delta_.get());
+            if (!out.ok()) {
+              inner = out.status();
+              return;
+            }
+            pooled = out->pooled;
           }
-          absl::StatusOr<at::Tensor> head = delta_->HeadForward(out->pooled);
+          absl::StatusOr<at::Tensor> head = delta_->HeadForward(pooled);
           if (!head.ok()) {
             inner = head.status();
             return;
@@ -530,6 +561,29 @@ absl::StatusOr<EvalMetrics> Run::Evaluate() {
   std::vector<double> truth;
   for (const EncodedExample& e : validation_) truth.push_back(e.value);
   return RegressionMetrics(truth, predicted_values);
+}
+
+absl::StatusOr<at::Tensor> Run::Embed(const std::vector<EncodedExample>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const int64_t batch = std::max<int64_t>(hp_.batch_size, 32);
+  std::vector<at::Tensor> parts;
+  for (int64_t begin = 0; begin < n; begin += batch) {
+    if (Cancelled()) return absl::CancelledError("the job was cancelled");
+    std::vector<const EncodedExample*> chunk;
+    for (int64_t i = begin; i < std::min(n, begin + batch); ++i) chunk.push_back(&rows[i]);
+    DS_ASSIGN_OR_RETURN(model::ForwardInput input, MakeInput(chunk));
+    MaybeReaderLock lock(lock_);
+    DS_ASSIGN_OR_RETURN(model::ForwardOutput out, model_->Forward(input, nullptr));
+    parts.push_back(out.pooled);
+  }
+  // Forward() returns inference tensors, which autograd cannot save for the head's backward: copy them out.
+  return TorchCall([&] { return at::cat(parts, 0).to(at::kFloat).clone(); }, "trainer: caching embeddings");
+}
+
+absl::Status Run::EmbedOnce() {
+  DS_ASSIGN_OR_RETURN(train_pooled_, Embed(train_));
+  DS_ASSIGN_OR_RETURN(validation_pooled_, Embed(validation_));
+  return absl::OkStatus();
 }
 
 std::map<std::string, at::Tensor> Run::Snapshot() const {
@@ -733,6 +787,8 @@ absl::StatusOr<TrainResult> Run::Go(const Checkpoint* resume) {
               [](const auto& a, const auto& b) { return a.first < b.first; });
   }
   DS_RETURN_IF_ERROR(Encode());
+  head_only_ = !problem_.full && problem_.spec.methods.empty();
+  if (head_only_) DS_RETURN_IF_ERROR(EmbedOnce());
 
   // The schedule.
   const int64_t n_train = static_cast<int64_t>(train_.size());

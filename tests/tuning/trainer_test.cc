@@ -641,40 +641,48 @@ TEST(TrainerTest, FullFineTuningRefusesAnotherBackbone) {
 // ------------------------------------------------------------------------------------------------------------
 // The pack serves what training measured.
 
+// Also for a head alone, which trains on embeddings computed once (the linear-probe path).
 TEST(TrainerTest, TrainedPackServesTheTrainingPredictions) {
   for (const auto& [name, model] : TestModels()) {
-    SCOPED_TRACE(name);
-    TrainingProblem p = KeywordProblem(48, 40, {Lora(4), Method(delta::MethodKind::kIa3),
-                                                Method(delta::MethodKind::kPrompt, {{"num_virtual_tokens", 3}})});
-    p.spec.head.hidden = 8;
-    p.hp.epochs = 2;
-    auto result = Train(*model, p);
-    ASSERT_TRUE(result.ok()) << result.status();
-    ASSERT_TRUE(result->pack.has_value());
-    auto pack = delta::DeltaPack::FromContents(*result->pack, *model, {});
-    ASSERT_TRUE(pack.ok()) << pack.status();
-    ASSERT_NE((*pack)->head(), nullptr);
+    for (const bool head_only : {false, true}) {
+      SCOPED_TRACE(absl::StrCat(name, head_only ? " head alone" : " lora+ia3+prompt"));
+      std::vector<delta::MethodSpec> methods;
+      if (!head_only) {
+        methods = {Lora(4), Method(delta::MethodKind::kIa3),
+                   Method(delta::MethodKind::kPrompt, {{"num_virtual_tokens", 3}})};
+      }
+      TrainingProblem p = KeywordProblem(48, 40, methods);
+      p.spec.head.hidden = 8;
+      p.hp.epochs = 2;
+      auto result = Train(*model, p);
+      ASSERT_TRUE(result.ok()) << result.status();
+      ASSERT_TRUE(result->pack.has_value());
+      auto pack = delta::DeltaPack::FromContents(*result->pack, *model, {});
+      ASSERT_TRUE(pack.ok()) << pack.status();
+      ASSERT_NE((*pack)->head(), nullptr);
 
-    std::vector<std::vector<int64_t>> rows;
-    const int64_t max_tokens = std::min<int64_t>(p.hp.max_sequence_length, model->info().max_sequence_length - 3);
-    for (const Example& e : p.validation.examples) {
-      auto ids = EncodeExample(model->tokenizer(), e.text, e.text_pair, max_tokens);
-      ASSERT_TRUE(ids.ok()) << ids.status();
-      rows.push_back(*ids);
+      std::vector<std::vector<int64_t>> rows;
+      const int64_t max_tokens =
+          std::min<int64_t>(p.hp.max_sequence_length, model->info().max_sequence_length - (head_only ? 0 : 3));
+      for (const Example& e : p.validation.examples) {
+        auto ids = EncodeExample(model->tokenizer(), e.text, e.text_pair, max_tokens);
+        ASSERT_TRUE(ids.ok()) << ids.status();
+        rows.push_back(*ids);
+      }
+      c10::InferenceMode guard;
+      std::vector<const delta::DeltaPack*> packs(rows.size(), pack->get());
+      auto hooks = delta::DeltaBatch::Create(packs, *model);
+      ASSERT_TRUE(hooks.ok()) << hooks.status();
+      auto out = delta::testing::RunRows(*model, rows, hooks->get());
+      ASSERT_TRUE(out.ok()) << out.status();
+      auto logits = (*pack)->head()->Apply(out->pooled);
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      at::Tensor target = at::tensor(p.validation_labels.classes, at::kLong);
+      const double accuracy = (logits->argmax(1) == target).to(at::kDouble).mean().item<double>();
+      const double loss = at::cross_entropy_loss(*logits, target).item<double>();
+      EXPECT_DOUBLE_EQ(accuracy, result->best_eval.metrics.at("accuracy"));
+      EXPECT_NEAR(loss, result->best_eval.loss, 1e-4);
     }
-    c10::InferenceMode guard;
-    std::vector<const delta::DeltaPack*> packs(rows.size(), pack->get());
-    auto hooks = delta::DeltaBatch::Create(packs, *model);
-    ASSERT_TRUE(hooks.ok()) << hooks.status();
-    auto out = delta::testing::RunRows(*model, rows, hooks->get());
-    ASSERT_TRUE(out.ok()) << out.status();
-    auto logits = (*pack)->head()->Apply(out->pooled);
-    ASSERT_TRUE(logits.ok()) << logits.status();
-    at::Tensor target = at::tensor(p.validation_labels.classes, at::kLong);
-    const double accuracy = (logits->argmax(1) == target).to(at::kDouble).mean().item<double>();
-    const double loss = at::cross_entropy_loss(*logits, target).item<double>();
-    EXPECT_DOUBLE_EQ(accuracy, result->best_eval.metrics.at("accuracy"));
-    EXPECT_NEAR(loss, result->best_eval.loss, 1e-4);
   }
 }
 
