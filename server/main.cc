@@ -53,7 +53,9 @@ ABSL_FLAG(int, max_queued_jobs_per_tenant, 16, "Fine-tuning jobs one tenant may 
 ABSL_FLAG(int64_t, max_dataset_bytes, int64_t{256} << 20, "Largest dataset upload, in bytes.");
 ABSL_FLAG(int, training_threads, 1,
           "Intra-op threads of each fine-tuning job (0 = as many as serving); serving keeps the rest.");
-ABSL_FLAG(int, training_nice, 10, "Niceness added to training threads, so that serving keeps its latency.");
+ABSL_FLAG(int, training_nice, 10, "Niceness added to training threads.");
+ABSL_FLAG(bool, training_yields_to_serving, true,
+          "Training threads wait between ops while a serving forward pass runs, so that serving keeps its latency.");
 ABSL_FLAG(int64_t, checkpoint_every_steps, 50, "Fine-tuning jobs checkpoint every this many steps (and per epoch).");
 ABSL_FLAG(bool, allow_full_finetuning, false,
           "Allow `full` fine-tuning jobs (a private copy of every weight: the baseline deltas are compared with).");
@@ -131,6 +133,7 @@ int main(int argc, char** argv) {
   options.jobs.max_dataset_bytes = absl::GetFlag(FLAGS_max_dataset_bytes);
   options.jobs.trainer.threads = absl::GetFlag(FLAGS_training_threads);
   options.jobs.trainer.nice = absl::GetFlag(FLAGS_training_nice);
+  options.jobs.trainer.yield_to_serving = absl::GetFlag(FLAGS_training_yields_to_serving);
   options.jobs.trainer.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.jobs.trainer.allow_full = absl::GetFlag(FLAGS_allow_full_finetuning);
   options.model.device = absl::GetFlag(FLAGS_device);

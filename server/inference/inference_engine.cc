@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/serving_activity.h"
 #include "server/common/logging.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
@@ -335,7 +336,11 @@ absl::StatusOr<model::ForwardOutput> InferenceEngine::RunMerged(const delta::Del
                         absl::StrCat("merge mode failed, so the batch did not run (an internal error: retry): ",
                                      merged.status().message()));
   }
-  absl::StatusOr<model::ForwardOutput> output = model_->Forward(input, nullptr);
+  absl::StatusOr<model::ForwardOutput> output;
+  {
+    ServingActivity::Scope serving;  // fine-tuning jobs step aside meanwhile
+    output = model_->Forward(input, nullptr);
+  }
   absl::Status restored = (*merged)->Restore();
   if (!restored.ok()) {
     DS_LOG(ERROR) << "merge mode: restoring the weights after delta pack " << pack.digest()
@@ -382,6 +387,7 @@ absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> ro
       DS_ASSIGN_OR_RETURN(hooks, delta::DeltaBatch::Create(packs, *model_));
     }
     absl::ReaderMutexLock weights_lock(&model_->weights_mutex());  // no merge rewrites the weights under us
+    ServingActivity::Scope serving;  // fine-tuning jobs step aside meanwhile (after the lock: see the header)
     DS_ASSIGN_OR_RETURN(output, model_->Forward(input, hooks.get()));
   }
 

@@ -337,7 +337,7 @@ class LoraPiece : public Piece {
     auto it = targets_.find(module.name);
     if (it == targets_.end()) return;
     const at::Tensor low = at::linear(input, As(it->second.first, input));
-    *output = output->add(at::linear(low, As(it->second.second, input)).mul(scaling_));
+    *output = output->add(at::linear(low, As(it->second.second, input)), scaling_);
   }
 
  private:
@@ -450,7 +450,7 @@ class AdapterPiece : public Piece {
     }
     const Weights& w = it->second;
     const at::Tensor z = Activate(activation_, at::linear(x, As(w.down_w, x), As(w.down_b, x)));
-    *hidden = hidden->add(at::linear(z, As(w.up_w, z), As(w.up_b, z)).mul(scaling_));
+    *hidden = hidden->add(at::linear(z, As(w.up_w, z), As(w.up_b, z)), scaling_);
   }
 
  private:

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <omp.h>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -27,6 +29,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "server/common/logging.h"
+#include "server/common/serving_activity.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
 #include "server/model/model_loader.h"
@@ -192,6 +195,16 @@ nlohmann::json HyperParametersJson(const HyperParameters& hp) {
 // The training thread's settings.
 
 pid_t ThreadId() { return static_cast<pid_t>(::syscall(SYS_gettid)); }
+
+// The training thread's op hook: before each op it waits while a serving forward pass is in flight, at most
+// kMaxYieldPerOp per op so that a saturated server slows a job down but never starves it. Thread-local: serving
+// threads run no callback. (P8 in docs/BENCHMARKS.md: niceness alone does not keep serving's latency.)
+constexpr absl::Duration kMaxYieldPerOp = absl::Milliseconds(20);
+
+std::unique_ptr<at::ObserverContext> YieldToServing(const at::RecordFunction&) {
+  ServingActivity::WaitUntilIdle(kMaxYieldPerOp);
+  return nullptr;
+}
 
 // Applies TrainerOptions::threads and ::nice to the calling thread (a thread Run() starts for the job, so nothing
 // has to be restored: the settings end with it, and the OpenMP workers it starts inherit its niceness).
@@ -950,12 +963,17 @@ absl::StatusOr<TrainResult> Trainer::Run(const TrainingProblem& problem, const C
   absl::StatusOr<TrainResult> result = absl::InternalError("the training thread did not run");
   std::thread worker([&] {
     ConfigureTrainingThread(options_.threads, options_.nice);
+    std::optional<at::CallbackHandle> yield;
+    if (options_.yield_to_serving) {
+      yield = at::addThreadLocalCallback(at::RecordFunctionCallback(&YieldToServing).needsInputs(false));
+    }
     try {
       tuning::Run run(model_, options_, problem, callbacks);
       result = run.Go(resume);
     } catch (const std::exception& e) {
       result = absl::InternalError(absl::StrCat("trainer: ", e.what()));
     }
+    if (yield.has_value()) at::removeCallback(*yield);
   });
   worker.join();
   return result;

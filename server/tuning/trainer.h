@@ -144,8 +144,11 @@ struct TrainerOptions {
   int64_t checkpoint_every_steps = 50;
   // Intra-op threads of the training thread (its OpenMP / BLAS threads); 0 = ATen's process-wide setting.
   int threads = 0;
-  // Niceness added to the training thread (and the threads it starts) so that serving keeps its latency.
+  // Niceness added to the training thread (and the threads it starts).
   int nice = 10;
+  // Before each op, wait (up to 20 ms) while a serving forward pass runs in this process (ServingActivity):
+  // serving keeps its latency, jobs train in the gaps. Niceness alone does not achieve that (P8).
+  bool yield_to_serving = true;
 };
 
 class Trainer {
