@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "tests/bench/bench_models.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -188,11 +189,6 @@ struct Breakdown {
   }
 };
 
-bool Exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
-
 void Check(const absl::Status& st, const char* what) {
   if (!st.ok()) {
     std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
@@ -200,45 +196,7 @@ void Check(const absl::Status& st, const char* what) {
   }
 }
 
-std::string WriteBertBase(const std::string& dir) {
-  if (Exists(dir + "/model.safetensors")) return dir;
-  ::mkdir(dir.c_str(), 0755);
-  const int64_t H = 768, L = 12, F = 3072, V = 30522, P = 512;
-  {
-    std::ofstream vocab(dir + "/vocab.txt");
-    vocab << "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n";
-    for (int64_t i = 5; i < V; ++i) vocab << "w" << i << "\n";
-  }
-  std::ofstream(dir + "/config.json") << absl::StrCat(
-      R"({"model_type": "bert", "vocab_size": )", V, R"(, "hidden_size": )", H, R"(, "num_hidden_layers": )", L,
-      R"(, "num_attention_heads": 12, "intermediate_size": )", F, R"(, "max_position_embeddings": )", P, "}");
-  at::manual_seed(0);
-  std::map<std::string, at::Tensor> t;
-  auto rnd = [](std::vector<int64_t> shape) { return at::randn(shape) * 0.02; };
-  t["embeddings.word_embeddings.weight"] = rnd({V, H});
-  t["embeddings.position_embeddings.weight"] = rnd({P, H});
-  t["embeddings.token_type_embeddings.weight"] = rnd({2, H});
-  t["embeddings.LayerNorm.weight"] = at::ones({H});
-  t["embeddings.LayerNorm.bias"] = at::zeros({H});
-  for (int64_t l = 0; l < L; ++l) {
-    const std::string p = absl::StrCat("encoder.layer.", l, ".");
-    for (const char* n : {"attention.self.query", "attention.self.key", "attention.self.value",
-                          "attention.output.dense"}) {
-      t[p + n + ".weight"] = rnd({H, H});
-      t[p + n + ".bias"] = at::zeros({H});
-    }
-    t[p + "intermediate.dense.weight"] = rnd({F, H});
-    t[p + "intermediate.dense.bias"] = at::zeros({F});
-    t[p + "output.dense.weight"] = rnd({H, F});
-    t[p + "output.dense.bias"] = at::zeros({H});
-    for (const char* n : {"attention.output.LayerNorm", "output.LayerNorm"}) {
-      t[p + n + ".weight"] = at::ones({H});
-      t[p + n + ".bias"] = at::zeros({H});
-    }
-  }
-  Check(ds::model::WriteSafetensors(dir + "/model.safetensors", t), "writing bert-base");
-  return dir;
-}
+using ::deltaserve::bench::WriteBertBase;  // tests/bench/bench_models.h
 
 at::Tensor Rand(std::vector<int64_t> shape, double scale) { return at::randn(shape) * scale; }
 
