@@ -153,7 +153,6 @@ struct JobManager::Entry {
   int64_t changes = 1;          // bumped on every visible change (Watch)
   absl::Time last_progress_event = absl::InfinitePast();
   bool cancel_requested = false;
-  std::string request_id;
   // In-memory mode only: the datasets' bytes (persistent mode reads them from the job directory).
   std::string train_bytes, validation_bytes;
 };
@@ -372,7 +371,7 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
   if (!request.request_id().empty()) {
     absl::MutexLock lock(&mu_);
     for (const auto& [id, entry] : jobs_) {
-      if (entry->job.tenant() == tenant && entry->request_id == request.request_id()) {
+      if (entry->job.tenant() == tenant && entry->job.request_id() == request.request_id()) {
         return std::make_pair(entry->job, false);
       }
     }
@@ -424,7 +423,7 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
   job.set_model_parameters(model_->info().num_parameters);
   job.set_trainable_parameters(problem.full ? model_->info().num_parameters + (*trainable)->num_parameters()
                                             : (*trainable)->num_parameters());
-  entry->request_id = request.request_id();
+  job.set_request_id(request.request_id());
 
   if (options_.jobs_dir.empty()) {
     entry->train_bytes = std::move(train_bytes);
@@ -442,7 +441,7 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
     absl::MutexLock lock(&mu_);
     if (!request.request_id().empty()) {  // a concurrent twin may have won the race
       for (const auto& [id, other] : jobs_) {
-        if (other->job.tenant() == tenant && other->request_id == request.request_id()) {
+        if (other->job.tenant() == tenant && other->job.request_id() == request.request_id()) {
           return std::make_pair(other->job, false);
         }
       }
@@ -456,8 +455,6 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
           "tenant \"", tenant, "\" has ", active, " jobs queued or running, the limit is ",
           options_.max_queued_jobs_per_tenant, ": wait for one to finish or cancel one"));
     }
-    // The request id lives in the record's description-free provenance: keep it in memory only (a retried
-    // submit after a restart creates a second job, which is visible and cancellable).
     DS_RETURN_IF_ERROR(Persist(*entry));
     jobs_[job.id()] = entry;
     queue_.push_back(job.id());

@@ -270,6 +270,21 @@ TEST_F(TuningIntegrationTest, BadJobSpecsGetClearStatusesAndQueueNothing) {
   // Unknown jobs and finished jobs.
   EXPECT_EQ(client_->GetJob("", "job-nope").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(client_->CancelJob("", "job-nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->WatchJob("", "job-nope", nullptr, absl::Seconds(30)).status().code(),
+            absl::StatusCode::kNotFound);
+  // Listing with a bad page size or a token this server never gave out.
+  pb::ListJobsRequest bad_list;
+  bad_list.set_page_size(5000);
+  EXPECT_EQ(client_->ListJobs(bad_list).status().code(), absl::StatusCode::kInvalidArgument);
+  bad_list.set_page_size(0);
+  bad_list.set_page_token("not-a-token");
+  EXPECT_EQ(client_->ListJobs(bad_list).status().code(), absl::StatusCode::kInvalidArgument);
+  // A tenant name the store would refuse.
+  EXPECT_EQ(client_->GetJob("Bad Tenant!", "job-nope").status().code(), absl::StatusCode::kInvalidArgument);
+  // An over-long request id.
+  pb::SubmitJobRequest long_id = LoraJob("bad", digest);
+  long_id.set_request_id(std::string(200, 'x'));
+  EXPECT_EQ(client_->SubmitJob(long_id).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(TuningIntegrationTest, NanLossFailsTheJobAndRegistersNothing) {

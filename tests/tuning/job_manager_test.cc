@@ -176,6 +176,28 @@ TEST_F(JobManagerTest, RestartResumesRunningJobsAndKeepsQueuedOnes) {
   EXPECT_FALSE(std::filesystem::exists(dir_ / "job-running" / "checkpoint.safetensors"));
 }
 
+TEST_F(JobManagerTest, RequestIdStaysIdempotentAcrossARestart) {
+  StartJobs();
+  pb::SubmitJobRequest request = Job("once");
+  request.set_request_id("retry-me");
+  auto first = jobs_->Submit(request);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->second);
+  WaitFinal(first->first.id());
+  jobs_.reset();
+  StartJobs();
+  auto again = jobs_->Submit(request);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->second);
+  EXPECT_EQ(again->first.id(), first->first.id());
+  // The same id from another tenant is another job.
+  request.set_tenant("other");
+  auto theirs = jobs_->Submit(request);
+  ASSERT_TRUE(theirs.ok()) << theirs.status();
+  EXPECT_TRUE(theirs->second);
+  EXPECT_NE(theirs->first.id(), first->first.id());
+}
+
 TEST_F(JobManagerTest, DamagedCheckpointStartsOverAndMissingDatasetFailsClearly) {
   StartJobs();
   auto template_job = jobs_->Submit(Job("template"));
