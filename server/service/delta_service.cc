@@ -7,7 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/status_macros.h"
 #include "server/service/grpc_status.h"
+#include "server/service/upload_stream.h"
 
 namespace deltaserve {
 namespace service {
@@ -47,43 +49,13 @@ grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
   const absl::Time start = absl::Now();
   // Reads the stream: a header, then chunks, bounded by max_push_bytes (checked before each chunk is kept).
   auto receive = [&](deltas::PushRequest* request, std::string* bytes) -> absl::Status {
-    pb::PushDeltaRequest message;
-    if (!reader->Read(&message) || message.part_case() != pb::PushDeltaRequest::kHeader) {
-      return absl::InvalidArgumentError("PushDelta: the first message must carry the header (tenant, task)");
-    }
-    const pb::PushDeltaHeader& header = message.header();
+    pb::PushDeltaHeader header;
+    DS_RETURN_IF_ERROR(
+        ReadUploadStream(context, reader, options_.max_push_bytes, "PushDelta", "pack", &header, bytes));
     request->tenant = header.tenant();
     request->task = header.task();
     request->expected_digest = header.expected_digest();
     request->labels.assign(header.labels().begin(), header.labels().end());
-    if (header.size_bytes() < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("PushDelta: size_bytes is ", header.size_bytes(),
-                                                     ": give the pack's size in bytes, or 0 if unknown"));
-    }
-    if (header.size_bytes() > options_.max_push_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat("PushDelta: a pack of ", header.size_bytes(),
-                                                       " bytes is over this server's limit of ",
-                                                       options_.max_push_bytes, " bytes"));
-    }
-    // `header` refers into `message`, which the chunks below overwrite: keep what is needed of it.
-    const int64_t announced = header.size_bytes();
-    bytes->reserve(static_cast<size_t>(announced));
-    while (reader->Read(&message)) {
-      if (message.part_case() != pb::PushDeltaRequest::kChunk) {
-        return absl::InvalidArgumentError("PushDelta: only the first message may carry a header");
-      }
-      if (static_cast<int64_t>(bytes->size() + message.chunk().size()) > options_.max_push_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat("PushDelta: the pack is over this server's limit of ",
-                                                         options_.max_push_bytes, " bytes"));
-      }
-      bytes->append(message.chunk());
-    }
-    if (context->IsCancelled()) return absl::CancelledError("PushDelta: the client cancelled the upload");
-    if (announced != 0 && static_cast<int64_t>(bytes->size()) != announced) {
-      return absl::InvalidArgumentError(absl::StrCat("PushDelta: the header announced ", announced,
-                                                     " bytes but ", bytes->size(), " arrived"));
-    }
-    if (bytes->empty()) return absl::InvalidArgumentError("PushDelta: no pack bytes after the header");
     return absl::OkStatus();
   };
   deltas::PushRequest request;

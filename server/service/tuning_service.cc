@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/service/grpc_status.h"
+#include "server/service/upload_stream.h"
 
 namespace deltaserve {
 namespace service {
@@ -20,46 +21,12 @@ grpc::Status TuningServiceImpl::UploadDataset(grpc::ServerContext* context,
                                               grpc::ServerReader<pb::UploadDatasetRequest>* reader,
                                               pb::UploadDatasetResponse* response) {
   const absl::Time start = absl::Now();
-  std::string tenant, expected_digest, bytes;
-  // Reads the stream: a header, then chunks, bounded by max_upload_bytes (checked before each chunk is kept).
-  auto receive = [&]() -> absl::Status {
-    pb::UploadDatasetRequest message;
-    if (!reader->Read(&message) || message.part_case() != pb::UploadDatasetRequest::kHeader) {
-      return absl::InvalidArgumentError("UploadDataset: the first message must carry the header");
-    }
-    tenant = message.header().tenant();
-    expected_digest = message.header().expected_digest();
-    const int64_t announced = message.header().size_bytes();
-    if (announced < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("UploadDataset: size_bytes is ", announced,
-                                                     ": give the file's size in bytes, or 0 if unknown"));
-    }
-    if (announced > options_.max_upload_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat("UploadDataset: a dataset of ", announced,
-                                                       " bytes is over this server's limit of ",
-                                                       options_.max_upload_bytes, " bytes"));
-    }
-    bytes.reserve(static_cast<size_t>(announced));
-    while (reader->Read(&message)) {
-      if (message.part_case() != pb::UploadDatasetRequest::kChunk) {
-        return absl::InvalidArgumentError("UploadDataset: only the first message may carry a header");
-      }
-      if (static_cast<int64_t>(bytes.size() + message.chunk().size()) > options_.max_upload_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat("UploadDataset: the dataset is over this server's limit of ",
-                                                         options_.max_upload_bytes, " bytes"));
-      }
-      bytes.append(message.chunk());
-    }
-    if (context->IsCancelled()) return absl::CancelledError("UploadDataset: the client cancelled the upload");
-    if (announced != 0 && static_cast<int64_t>(bytes.size()) != announced) {
-      return absl::InvalidArgumentError(absl::StrCat("UploadDataset: the header announced ", announced,
-                                                     " bytes but ", bytes.size(), " arrived"));
-    }
-    return absl::OkStatus();
-  };
-  absl::Status status = receive();
+  pb::UploadDatasetHeader header;
+  std::string bytes;
+  absl::Status status =
+      ReadUploadStream(context, reader, options_.max_upload_bytes, "UploadDataset", "dataset", &header, &bytes);
   if (status.ok()) {
-    absl::StatusOr<store::BlobInfo> blob = jobs_->UploadDataset(tenant, expected_digest, bytes);
+    absl::StatusOr<store::BlobInfo> blob = jobs_->UploadDataset(header.tenant(), header.expected_digest(), bytes);
     status = blob.status();
     if (blob.ok()) {
       response->set_digest(blob->digest);
