@@ -277,6 +277,9 @@ class Run {
   absl::Status Encode();
   absl::Status Restore(const Checkpoint& checkpoint);
   absl::StatusOr<double> TrainStep(const std::vector<int64_t>& rows, double lr);
+  // Forward and backward of one micro-batch (train_ indices), its loss scaled to a share of a step of
+  // `total_rows` rows; gradients add up in the parameters' .grad. Returns that loss share.
+  absl::StatusOr<double> AccumulateGradients(const std::vector<int64_t>& rows, double total_rows);
   absl::StatusOr<EvalMetrics> Evaluate();
   absl::Status SaveCheckpoint();
   absl::StatusOr<model::ForwardInput> MakeInput(const std::vector<const EncodedExample*>& rows) const;
@@ -443,7 +446,7 @@ absl::StatusOr<model::ForwardInput> Run::MakeInput(const std::vector<const Encod
       "trainer: building a batch");
 }
 
-absl::StatusOr<double> Run::TrainStep(const std::vector<int64_t>& indices, double lr) {
+absl::StatusOr<double> Run::AccumulateGradients(const std::vector<int64_t>& indices, double total_rows) {
   std::vector<const EncodedExample*> rows;
   rows.reserve(indices.size());
   for (int64_t i : indices) rows.push_back(&train_[i]);
@@ -452,48 +455,81 @@ absl::StatusOr<double> Run::TrainStep(const std::vector<int64_t>& indices, doubl
     DS_ASSIGN_OR_RETURN(input, MakeInput(rows));
   }
   const c10::Device device(model_->info().device);
+  MaybeReaderLock lock(lock_);
+  at::Tensor pooled;
+  if (head_only_) {
+    DS_ASSIGN_OR_RETURN(pooled, TorchCall(
+                                    [&] {
+                                      at::Tensor index = at::tensor(indices, at::TensorOptions().dtype(at::kLong));
+                                      return train_pooled_.index_select(0, index.to(train_pooled_.device()));
+                                    },
+                                    "trainer: cached embeddings"));
+  } else {
+    DS_ASSIGN_OR_RETURN(model::ForwardOutput out, model_->ForwardTrainable(input, delta_.get()));
+    pooled = out.pooled;
+  }
+  DS_ASSIGN_OR_RETURN(at::Tensor logits, delta_->HeadForward(pooled));
+  // The step's loss is the mean over all its rows: each micro-batch contributes its sum / total_rows.
+  DS_ASSIGN_OR_RETURN(
+      at::Tensor loss,
+      TorchCall(
+          [&] {
+            c10::AutoGradMode grad(true);
+            at::Tensor sum;
+            if (classification_) {
+              std::vector<int64_t> labels;
+              for (const EncodedExample* r : rows) labels.push_back(r->label);
+              at::Tensor target = at::tensor(labels, at::TensorOptions().dtype(at::kLong)).to(device);
+              sum = at::cross_entropy_loss(logits.to(at::kFloat), target, {}, at::Reduction::Sum);
+            } else {
+              std::vector<float> values;
+              for (const EncodedExample* r : rows) values.push_back(r->value);
+              at::Tensor target = at::tensor(values, at::TensorOptions().dtype(at::kFloat)).to(device);
+              sum = at::mse_loss(logits.to(at::kFloat).reshape({-1}), target, at::Reduction::Sum);
+            }
+            return sum / total_rows;
+          },
+          "trainer: loss"));
+  DS_ASSIGN_OR_RETURN(double loss_value, TorchCall([&] { return loss.item<double>(); }, "trainer: loss value"));
+  // A non-finite loss is reported by the caller (naming the step); its backward would only spread NaN.
+  if (!std::isfinite(loss_value)) return loss_value;
+  DS_RETURN_IF_ERROR(TorchCallVoid([&] { loss.backward(); }, "trainer: backward"));
+  return loss_value;
+}
+
+absl::StatusOr<double> Run::TrainStep(const std::vector<int64_t>& indices, double lr) {
   const int64_t step_number = state_.step + 1;
+  // Micro-batches: consecutive runs of rows whose padded size stays within micro_batch_tokens.
+  std::vector<std::vector<int64_t>> chunks;
+  if (head_only_ || options_.micro_batch_tokens <= 0) {
+    chunks.push_back(indices);
+  } else {
+    int64_t longest = 0;
+    for (int64_t i : indices) {
+      const int64_t len = static_cast<int64_t>(train_[i].ids.size());
+      const int64_t grown = std::max(longest, len);
+      if (!chunks.empty() && !chunks.back().empty() &&
+          grown * static_cast<int64_t>(chunks.back().size() + 1) > options_.micro_batch_tokens) {
+        chunks.emplace_back();
+        longest = len;
+      } else {
+        longest = grown;
+      }
+      if (chunks.empty()) chunks.emplace_back();
+      chunks.back().push_back(i);
+    }
+  }
+  const double total_rows = static_cast<double>(indices.size());
   double loss_value = 0;
-  {
-    MaybeReaderLock lock(lock_);
-    at::Tensor pooled;
-    if (head_only_) {
-      DS_ASSIGN_OR_RETURN(pooled, TorchCall(
-                                      [&] {
-                                        at::Tensor index = at::tensor(indices, at::TensorOptions().dtype(at::kLong));
-                                        return train_pooled_.index_select(0, index.to(train_pooled_.device()));
-                                      },
-                                      "trainer: cached embeddings"));
-    } else {
-      DS_ASSIGN_OR_RETURN(model::ForwardOutput out, model_->ForwardTrainable(input, delta_.get()));
-      pooled = out.pooled;
-    }
-    DS_ASSIGN_OR_RETURN(at::Tensor logits, delta_->HeadForward(pooled));
-    DS_ASSIGN_OR_RETURN(
-        at::Tensor loss, TorchCall(
-                             [&] {
-                               c10::AutoGradMode grad(true);
-                               if (classification_) {
-                                 std::vector<int64_t> labels;
-                                 for (const EncodedExample* r : rows) labels.push_back(r->label);
-                                 at::Tensor target =
-                                     at::tensor(labels, at::TensorOptions().dtype(at::kLong)).to(device);
-                                 return at::cross_entropy_loss(logits.to(at::kFloat), target);
-                               }
-                               std::vector<float> values;
-                               for (const EncodedExample* r : rows) values.push_back(r->value);
-                               at::Tensor target =
-                                   at::tensor(values, at::TensorOptions().dtype(at::kFloat)).to(device);
-                               return at::mse_loss(logits.to(at::kFloat).reshape({-1}), target);
-                             },
-                             "trainer: loss"));
-    DS_ASSIGN_OR_RETURN(loss_value, TorchCall([&] { return loss.item<double>(); }, "trainer: loss value"));
-    if (!std::isfinite(loss_value)) {
-      return absl::AbortedError(absl::StrCat("loss became ", std::isnan(loss_value) ? "NaN" : "infinite",
-                                             " at step ", step_number, "; lower the learning rate (now ",
-                                             hp_.learning_rate, ")"));
-    }
-    DS_RETURN_IF_ERROR(TorchCallVoid([&] { loss.backward(); }, "trainer: backward"));
+  for (const std::vector<int64_t>& chunk : chunks) {
+    DS_ASSIGN_OR_RETURN(double chunk_loss, AccumulateGradients(chunk, total_rows));
+    loss_value += chunk_loss;
+    if (!std::isfinite(loss_value)) break;
+  }
+  if (!std::isfinite(loss_value)) {
+    return absl::AbortedError(absl::StrCat("loss became ", std::isnan(loss_value) ? "NaN" : "infinite",
+                                           " at step ", step_number, "; lower the learning rate (now ",
+                                           hp_.learning_rate, ")"));
   }
   absl::StatusOr<double> norm = TorchCall([&] { return ClipGradNorm(params_, hp_.max_grad_norm); }, "clip");
   DS_RETURN_IF_ERROR(norm.status());

@@ -149,6 +149,11 @@ struct TrainerOptions {
   // Before each op, wait (up to 20 ms) while a serving forward pass runs in this process (ServingActivity):
   // serving keeps its latency, jobs train in the gaps. Niceness alone does not achieve that (P8).
   bool yield_to_serving = true;
+  // A step's batch runs forward and backward in micro-batches of at most this many padded tokens (at least one
+  // row each), accumulating gradients: the same update up to float rounding, and the same bytes run after run (the
+  // split depends on the data only). Smaller micro-batches mean shorter ops, so a serving forward waits less for
+  // the op in flight when it arrives (P8). 0 = the whole batch at once.
+  int64_t micro_batch_tokens = 256;
 };
 
 class Trainer {
