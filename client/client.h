@@ -31,8 +31,22 @@ class DeltaserveClient {
     absl::Duration timeout = absl::Seconds(30);
     // Largest response accepted, in bytes (-1 = no limit).
     int max_receive_message_bytes = -1;
+    // API token sent as `authorization: Bearer <token>` on every call ("" = none; docs/SECURITY.md).
+    std::string token;
+    // TLS: on when tls is set or any file below is given. tls_ca_file: PEM roots to verify the server with (""
+    // = the system's); tls_cert_file / tls_key_file: a client certificate (mutual TLS); tls_server_name: the
+    // name to verify in the server's certificate ("" = the target's host).
+    bool tls = false;
+    std::string tls_ca_file;
+    std::string tls_cert_file;
+    std::string tls_key_file;
+    std::string tls_server_name;
   };
 
+  // A client whose TLS files could be read. INVALID_ARGUMENT naming an unreadable file.
+  static absl::StatusOr<std::unique_ptr<DeltaserveClient>> Create(const Options& options);
+
+  // REQUIRES: the TLS files (if any) are readable; else calls fail with UNAVAILABLE. Prefer Create().
   explicit DeltaserveClient(const Options& options);
 
   // grpc.health.v1 Check for `service` ("" = the whole server): "SERVING", "NOT_SERVING", ...
@@ -79,6 +93,7 @@ class DeltaserveClient {
 
  private:
   const Options options_;
+  const std::string authorization_;  // "Bearer <token>", or ""
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<deltaserve::v1::InferenceService::Stub> inference_;
   std::unique_ptr<deltaserve::v1::DeltaService::Stub> deltas_;

@@ -13,6 +13,7 @@
 //   deltactl label TASK@VERSION LABEL              point LABEL at a version
 //   deltactl rm TASK@VERSION | TASK:LABEL          delete a version, or a label
 //   deltactl prefetch REF...                       load tasks' packs into the server's cache ahead of requests
+//   deltactl admin --tenants_file=F tenant ... | token ...   edit the tenants file (deltactl_admin.h)
 //
 // embed / classify / info print JSON; the store commands and prefetch print a short text for people, JSON with
 // --json.
@@ -21,6 +22,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -29,6 +31,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "client/deltactl_admin.h"
 #include "client/deltactl_tune.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -42,7 +45,15 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "deltaserve address (host:port).");
 ABSL_FLAG(double, timeout_s, 30, "Deadline of each call, in seconds.");
-ABSL_FLAG(std::string, tenant, "", "Tenant to send with requests (optional without authentication).");
+ABSL_FLAG(std::string, tenant, "",
+          "Tenant to act for (default: the token's own; an admin token may name any; without authentication: any).");
+ABSL_FLAG(std::string, token, "",
+          "API token sent as 'authorization: Bearer <token>' (default: $DELTASERVE_TOKEN; docs/SECURITY.md).");
+ABSL_FLAG(bool, tls, false, "Connect with TLS (implied by --tls_ca / --tls_cert).");
+ABSL_FLAG(std::string, tls_ca, "", "TLS: PEM CA certificates to verify the server with (default: the system's).");
+ABSL_FLAG(std::string, tls_cert, "", "TLS: PEM client certificate (mutual TLS; with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "TLS: PEM private key of the client certificate.");
+ABSL_FLAG(std::string, tls_server_name, "", "TLS: the name to verify in the server's certificate (default: host).");
 ABSL_FLAG(bool, tokens, false, "embed: also print per-token embeddings.");
 ABSL_FLAG(bool, ids, false, "embed: also print the token ids.");
 ABSL_FLAG(std::string, truncation, "", "embed: 'truncate' or 'error' for over-long inputs (default: server's).");
@@ -80,6 +91,8 @@ constexpr char kUsage[] =
     "  deltactl tune submit --task=T --data=FILE [--method=lora,bitfit] [--method_config=JSON] [--label=prod]\n"
     "           [--watch]                            (fine-tunes a delta on the served model; see --helpfull)\n"
     "  deltactl tune watch JOB | get JOB | cancel JOB | ls [--state=running]\n"
+    "  deltactl admin --tenants_file=F tenant add|rm|ls|quota ... | token create|revoke|ls ...\n"
+    "           (edits the server's tenants file: tenants, quotas, API tokens; needs no server)\n"
     "  store commands and prefetch print text; add --json for scripts\n";
 
 int Fail(const absl::Status& status) {
@@ -515,10 +528,29 @@ int main(int argc, char** argv) {
     std::cerr << kUsage;
     return 2;
   }
+  // admin edits the tenants file locally: no server, no channel.
+  if (std::string(args[1]) == "admin") {
+    return deltaserve::client::AdminCommand(std::vector<std::string>(args.begin() + 2, args.end()));
+  }
   deltaserve::client::DeltaserveClient::Options options;
   options.target = absl::GetFlag(FLAGS_server);
   options.timeout = absl::Seconds(absl::GetFlag(FLAGS_timeout_s));
-  deltaserve::client::DeltaserveClient client(options);
+  options.token = absl::GetFlag(FLAGS_token);
+  if (options.token.empty()) {
+    if (const char* env = std::getenv("DELTASERVE_TOKEN"); env != nullptr) options.token = env;
+  }
+  options.tls = absl::GetFlag(FLAGS_tls);
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  absl::StatusOr<std::unique_ptr<deltaserve::client::DeltaserveClient>> created =
+      deltaserve::client::DeltaserveClient::Create(options);
+  if (!created.ok()) {
+    std::cerr << "deltactl: " << created.status().message() << "\n";
+    return 2;
+  }
+  deltaserve::client::DeltaserveClient& client = **created;
   const std::string command = args[1];
   if (command == "health") return Health(client);
   if (command == "info") return Info(client);

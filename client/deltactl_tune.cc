@@ -55,7 +55,8 @@ ABSL_FLAG(double, warmup_fraction, -1, "tune submit: warm-up share of the steps 
 ABSL_FLAG(double, weight_decay, -1, "tune submit: AdamW weight decay (-1 = default 0.01).");
 ABSL_FLAG(int64_t, max_seq_len, 0, "tune submit: longest input in tokens (0 = default 128).");
 ABSL_FLAG(int64_t, seed, -1, "tune submit: random seed (-1 = default 42).");
-ABSL_FLAG(std::string, description, "", "tune submit: free text kept in the pack's provenance.");
+ABSL_FLAG(std::string, description, "",
+          "tune submit: free text kept in the pack's provenance; admin token create: what the token is for.");
 ABSL_FLAG(std::string, request_id, "", "tune submit: idempotency key (a retry returns the same job).");
 ABSL_FLAG(bool, watch, false, "tune submit: watch the job until it finishes.");
 ABSL_FLAG(std::string, state, "", "tune ls: only jobs in this state (queued, running, succeeded, failed, cancelled).");

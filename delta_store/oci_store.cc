@@ -307,17 +307,19 @@ class OciRegistryStore : public DeltaStore {
     const std::string repo = TaskRepo(tenant, task);
 
     for (int attempt = 0; attempt < std::max(1, options_.add_version_attempts); ++attempt) {
-      // Quotas count the tenant's every task; without one, the task alone decides.
+      // Quotas count the tenant's every task; without one, the task alone decides. The quota is asked once (its
+      // lookup may answer differently on a second call), so what is loaded and what is checked agree.
       RefTable view;
-      const Quota& quota = options_.quotas.For(tenant);
-      if (quota.max_bytes > 0 || quota.max_versions > 0) {
+      QuotaOptions quota;
+      quota.default_quota = options_.quotas.For(tenant);
+      if (quota.default_quota.max_bytes > 0 || quota.default_quota.max_versions > 0) {
         DS_RETURN_IF_ERROR(LoadTenant(tenant, &view));
       } else {
         DS_RETURN_IF_ERROR(LoadTask(tenant, task, &view, nullptr));
       }
       VersionInfo existing;
       DS_ASSIGN_OR_RETURN(std::optional<RefOp> op, view.PlanAddVersion(tenant, task, digest, blob->info.size,
-                                                                       absl::Now(), options_.quotas, &existing));
+                                                                       absl::Now(), quota, &existing));
       if (!op.has_value()) return existing;
       DS_RETURN_IF_ERROR(EnsureBlobIn(repo, digest, blob->info.size));
       const std::string tag = absl::StrCat(op->version);

@@ -156,9 +156,15 @@ absl::StatusOr<RefOp> DecodeRefOp(absl::string_view line) {
   return op;
 }
 
-const Quota& QuotaOptions::For(const std::string& tenant) const {
+Quota QuotaOptions::For(const std::string& tenant) const {
   auto it = per_tenant.find(tenant);
-  return it == per_tenant.end() ? default_quota : it->second;
+  Quota quota = it == per_tenant.end() ? default_quota : it->second;
+  if (!lookup) return quota;
+  const std::optional<Quota> dynamic = lookup(tenant);
+  if (!dynamic.has_value()) return quota;
+  if (dynamic->max_bytes != 0) quota.max_bytes = dynamic->max_bytes;
+  if (dynamic->max_versions != 0) quota.max_versions = dynamic->max_versions;
+  return quota;
 }
 
 // --- Planning ---
@@ -181,7 +187,7 @@ absl::StatusOr<std::optional<RefOp>> RefTable::PlanAddVersion(const std::string&
     next_version = it->second.next_version;
   }
 
-  const Quota& quota = quotas.For(tenant);
+  const Quota quota = quotas.For(tenant);
   TenantUsage usage = Usage(tenant);
   if (quota.max_versions > 0 && usage.versions + 1 > quota.max_versions) {
     return absl::ResourceExhaustedError(absl::StrCat(

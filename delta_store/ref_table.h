@@ -51,11 +51,21 @@ struct RefOp {
 std::string EncodeRefOp(const RefOp& op);
 absl::StatusOr<RefOp> DecodeRefOp(absl::string_view line);
 
+// The quotas a store enforces. Copyable; the store keeps its own copy.
 struct QuotaOptions {
   // Applies to tenants without an entry in `per_tenant`.
   Quota default_quota;
+  // Per-tenant replacements of default_quota (the whole Quota, not field by field). Empty = none.
   std::map<std::string, Quota> per_tenant;
-  const Quota& For(const std::string& tenant) const;
+  // Consulted first on every check (the server answers from the tenants file, which can change at runtime): a
+  // returned Quota's non-zero fields override default_quota / per_tenant's field by field; nullopt, or an empty
+  // function, = only the static settings above. Called with the store's lock held: must be thread-safe and
+  // quick, and must not call back into the store. Empty by default.
+  std::function<std::optional<Quota>(const std::string& tenant)> lookup;
+
+  // The tenant's quota now: per_tenant's entry (else default_quota), with lookup's non-zero fields over it.
+  // A value: lookup may answer differently on the next call.
+  Quota For(const std::string& tenant) const;
 };
 
 class RefTable {

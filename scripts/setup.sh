@@ -29,8 +29,9 @@ PACKAGES=(
   ca-certificates
 )
 # What the tests need besides: reference computations in Python, an independent Python gRPC client, promtool,
-# an OCI registry for the shared-store tests.
-TEST_PACKAGES=(python3 python3-torch python3-numpy python3-grpcio python3-grpc-tools prometheus docker-registry)
+# an OCI registry for the shared-store tests, the openssl command (throwaway CAs and certificates for TLS tests).
+TEST_PACKAGES=(python3 python3-torch python3-numpy python3-grpcio python3-grpc-tools prometheus docker-registry
+               openssl)
 
 missing=()
 want=("${PACKAGES[@]}")

@@ -22,6 +22,21 @@
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC listen address (host:port; port 0 = any free port).");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics HTTP address (host:port; empty disables it).");
+ABSL_FLAG(std::string, tenants_file, "",
+          "Tenants, API token hashes, roles and quotas (docs/SECURITY.md; edit with `deltactl admin`). Empty = NO "
+          "AUTHENTICATION: every caller may act for every tenant (local use only).");
+ABSL_FLAG(double, tenants_reload_s, 2, "How often the tenants file is checked for changes, in seconds.");
+ABSL_FLAG(std::string, audit_log, "", "Append a JSON line for every mutation and refused attempt to this file.");
+ABSL_FLAG(bool, audit_log_sync, false, "fsync the audit log after every line.");
+ABSL_FLAG(std::string, tls_cert, "", "TLS for the gRPC port: PEM certificate chain (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "TLS for the gRPC port: PEM private key.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "Verify client certificates signed by this PEM CA; a tenant's certificate_names authenticate it (mTLS).");
+ABSL_FLAG(bool, tls_require_client_cert, false, "With --tls_client_ca: refuse clients without a valid certificate.");
+ABSL_FLAG(std::string, metrics_tls_cert, "", "TLS for the metrics port: PEM certificate chain (with --metrics_tls_key).");
+ABSL_FLAG(std::string, metrics_tls_key, "", "TLS for the metrics port: PEM private key.");
+ABSL_FLAG(std::string, metrics_tls_client_ca, "",
+          "Metrics port: require client certificates signed by this PEM CA (e.g. Prometheus's).");
 ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory (config.json, model.safetensors, vocab).");
 ABSL_FLAG(std::string, store_dir, "",
           "Delta store directory (created if missing; docs/STORE.md). Empty = an in-memory store, lost at exit.");
@@ -56,6 +71,9 @@ ABSL_FLAG(int, training_threads, 1,
 ABSL_FLAG(int, training_nice, 10, "Niceness added to training threads.");
 ABSL_FLAG(bool, training_yields_to_serving, true,
           "Training threads wait between ops while a serving forward pass runs, so that serving keeps its latency.");
+ABSL_FLAG(int64_t, training_micro_batch_tokens, 256,
+          "Fine-tuning steps run forward/backward in micro-batches of at most this many padded tokens, so that a "
+          "serving forward never waits long for a training op (0 = whole batches).");
 ABSL_FLAG(int64_t, checkpoint_every_steps, 50, "Fine-tuning jobs checkpoint every this many steps (and per epoch).");
 ABSL_FLAG(bool, allow_full_finetuning, false,
           "Allow `full` fine-tuning jobs (a private copy of every weight: the baseline deltas are compared with).");
@@ -112,6 +130,17 @@ int main(int argc, char** argv) {
   deltaserve::service::DeltaServer::Options options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.security.tenants_file = absl::GetFlag(FLAGS_tenants_file);
+  options.security.tenants_reload_interval = absl::Seconds(absl::GetFlag(FLAGS_tenants_reload_s));
+  options.security.audit_log = absl::GetFlag(FLAGS_audit_log);
+  options.security.audit_log_sync = absl::GetFlag(FLAGS_audit_log_sync);
+  options.security.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.security.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.security.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.security.tls_require_client_cert = absl::GetFlag(FLAGS_tls_require_client_cert);
+  options.security.metrics_tls_cert_file = absl::GetFlag(FLAGS_metrics_tls_cert);
+  options.security.metrics_tls_key_file = absl::GetFlag(FLAGS_metrics_tls_key);
+  options.security.metrics_tls_client_ca_file = absl::GetFlag(FLAGS_metrics_tls_client_ca);
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
   options.store_dir = absl::GetFlag(FLAGS_store_dir);
   options.delta_dir = absl::GetFlag(FLAGS_delta_dir);
@@ -134,6 +163,7 @@ int main(int argc, char** argv) {
   options.jobs.trainer.threads = absl::GetFlag(FLAGS_training_threads);
   options.jobs.trainer.nice = absl::GetFlag(FLAGS_training_nice);
   options.jobs.trainer.yield_to_serving = absl::GetFlag(FLAGS_training_yields_to_serving);
+  options.jobs.trainer.micro_batch_tokens = absl::GetFlag(FLAGS_training_micro_batch_tokens);
   options.jobs.trainer.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.jobs.trainer.allow_full = absl::GetFlag(FLAGS_allow_full_finetuning);
   options.model.device = absl::GetFlag(FLAGS_device);

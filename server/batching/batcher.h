@@ -45,6 +45,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/common/retry_hint.h"
 #include "absl/types/span.h"
 
 namespace deltaserve {
@@ -127,14 +128,9 @@ class BatcherObserver {
   virtual void OnRequestRejected(const std::string& tenant, RejectReason reason) {}
 };
 
-// The retry hint of a RESOURCE_EXHAUSTED answer travels as a payload of the absl::Status under this type URL: the
-// delay in whole milliseconds, as decimal ASCII. The gRPC handler copies it into the trailing metadata key
-// `retry-after-ms` (docs/API.md).
-inline constexpr char kRetryAfterPayloadUrl[] = "deltaserve.dev/retry-after-ms";
-// Attaches `delay` (rounded up to whole milliseconds, at least 1) to `status`. REQUIRES: status is not OK.
-void SetRetryAfter(absl::Status& status, absl::Duration delay);
-// The hint attached by SetRetryAfter, if any (and well-formed).
-std::optional<absl::Duration> GetRetryAfter(const absl::Status& status);
+// The retry hint of a RESOURCE_EXHAUSTED answer: server/common/retry_hint.h (these names stay for callers).
+using ::deltaserve::GetRetryAfter;
+using ::deltaserve::SetRetryAfter;
 
 // Parses --tenant_weights: "tenant=weight,tenant=weight,..." (weights > 0, finite; "" = none). INVALID_ARGUMENT
 // naming the bad entry otherwise (no '=', an empty name, a bad or non-positive number, a tenant named twice).

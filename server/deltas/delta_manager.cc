@@ -199,8 +199,10 @@ absl::StatusOr<store::Ref> DeltaManager::ParseTextRef(const std::string& tenant,
   DS_ASSIGN_OR_RETURN(store::Ref ref, store::ParseRef(text, effective));
   if (ref.tenant.empty()) ref.tenant = effective;  // a digest alone: scoped to the caller's tenant
   if (!tenant.empty() && ref.tenant != tenant) {
-    return absl::InvalidArgumentError(absl::StrCat("reference \"", text, "\" names tenant \"", ref.tenant,
-                                                   "\" but the request is for tenant \"", tenant, "\""));
+    // On the name alone (whether that tenant or task exists is never looked up): docs/SECURITY.md.
+    return absl::PermissionDeniedError(absl::StrCat("reference \"", text, "\" names tenant \"", ref.tenant,
+                                                    "\" but the request acts for tenant \"", tenant,
+                                                    "\": a request may use only its own tenant's packs"));
   }
   return ref;
 }

@@ -40,28 +40,29 @@ void ToProto(const deltas::PackSummary& in, pb::DeltaPackSummary* out) {
 }  // namespace
 
 DeltaServiceImpl::DeltaServiceImpl(deltas::DeltaManager* manager, metrics::ServerMetrics* metrics,
-                                   const Options& options)
-    : manager_(manager), metrics_(metrics), options_(options) {}
+                                   const CallSecurity* security, const Options& options)
+    : manager_(manager), metrics_(metrics), security_(security), options_(options) {}
 
 grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
                                          grpc::ServerReader<pb::PushDeltaRequest>* reader,
                                          pb::PushDeltaResponse* response) {
   const absl::Time start = absl::Now();
-  // Reads the stream: a header, then chunks, bounded by max_push_bytes (checked before each chunk is kept).
-  auto receive = [&](deltas::PushRequest* request, std::string* bytes) -> absl::Status {
-    pb::PushDeltaHeader header;
-    DS_RETURN_IF_ERROR(
-        ReadUploadStream(context, reader, options_.max_push_bytes, "PushDelta", "pack", &header, bytes));
-    request->tenant = header.tenant();
-    request->task = header.task();
-    request->expected_digest = header.expected_digest();
-    request->labels.assign(header.labels().begin(), header.labels().end());
-    return absl::OkStatus();
-  };
-  deltas::PushRequest request;
+  // The caller is checked before any byte is read, the tenant in the header before any chunk is.
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, "");
+  pb::PushDeltaHeader header;
   std::string bytes;
-  absl::Status status = receive(&request, &bytes);
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    status = ReadUploadStream(context, reader, options_.max_push_bytes, "PushDelta", "pack", &header, &bytes,
+                              [&](const pb::PushDeltaHeader& h) { return CallSecurity::ActFor(&*admitted, h.tenant()); });
+  }
+  std::string detail;
   if (status.ok()) {
+    deltas::PushRequest request;
+    request.tenant = admitted->tenant;
+    request.task = header.task();
+    request.expected_digest = header.expected_digest();
+    request.labels.assign(header.labels().begin(), header.labels().end());
     metrics_->RecordStoreBytes(/*push=*/true, static_cast<int64_t>(bytes.size()));
     absl::StatusOr<deltas::PushResult> result = manager_->Push(request, bytes);
     status = result.status();
@@ -70,33 +71,43 @@ grpc::Status DeltaServiceImpl::PushDelta(grpc::ServerContext* context,
       response->set_created(result->created);
       response->set_uploaded_digest(result->uploaded_digest);
       ToProto(result->pack, response->mutable_pack());
+      detail = absl::StrCat("version ", result->version.version, " ", result->version.digest,
+                            result->created ? "" : " (already stored)");
     }
   }
+  security_->Audit(context, admitted, header.tenant(), "delta.push", header.task(), detail, status);
   metrics_->RecordRequest("PushDelta", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::GetDelta(grpc::ServerContext* context, const pb::GetDeltaRequest* request,
                                         pb::GetDeltaResponse* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<deltas::PackDescription> result = manager_->Get(request->tenant(), request->ref());
-  if (result.ok()) {
-    ToProto(result->version, response->mutable_version());
-    ToProto(result->pack, response->mutable_pack());
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    absl::StatusOr<deltas::PackDescription> result = manager_->Get(admitted->tenant, request->ref());
+    if (result.ok()) {
+      ToProto(result->version, response->mutable_version());
+      ToProto(result->pack, response->mutable_pack());
+    }
+    status = result.status();
   }
-  metrics_->RecordRequest("GetDelta", result.status().code(), absl::Now() - start);
-  return ToGrpcStatus(result.status());
+  metrics_->RecordRequest("GetDelta", status.code(), absl::Now() - start);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::PullDelta(grpc::ServerContext* context, const pb::PullDeltaRequest* request,
                                          grpc::ServerWriter<pb::PullDeltaResponse>* writer) {
   const absl::Time start = absl::Now();
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
   auto send = [&]() -> absl::Status {
+    if (!admitted.ok()) return admitted.status();
     if (request->chunk_bytes() < 0) return absl::InvalidArgumentError("PullDelta: chunk_bytes must be >= 0");
     const size_t chunk = static_cast<size_t>(request->chunk_bytes() == 0
                                                  ? options_.default_chunk_bytes
                                                  : std::min(request->chunk_bytes(), options_.default_chunk_bytes));
-    auto opened = manager_->OpenPull(request->tenant(), request->ref());
+    auto opened = manager_->OpenPull(admitted->tenant, request->ref());
     if (!opened.ok()) return opened.status();
     pb::PullDeltaResponse message;
     ToProto(opened->first, message.mutable_version());
@@ -116,46 +127,67 @@ grpc::Status DeltaServiceImpl::PullDelta(grpc::ServerContext* context, const pb:
   };
   const absl::Status status = send();
   metrics_->RecordRequest("PullDelta", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::ListDeltas(grpc::ServerContext* context, const pb::ListDeltasRequest* request,
                                           pb::ListDeltasResponse* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<store::ListPage> page =
-      manager_->List(request->tenant(), request->task(), request->page_size(), request->page_token());
-  if (page.ok()) {
-    for (const store::VersionInfo& v : page->versions) ToProto(v, response->add_versions());
-    response->set_next_page_token(page->next_page_token);
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    absl::StatusOr<store::ListPage> page =
+        manager_->List(admitted->tenant, request->task(), request->page_size(), request->page_token());
+    if (page.ok()) {
+      for (const store::VersionInfo& v : page->versions) ToProto(v, response->add_versions());
+      response->set_next_page_token(page->next_page_token);
+    }
+    status = page.status();
   }
-  metrics_->RecordRequest("ListDeltas", page.status().code(), absl::Now() - start);
-  return ToGrpcStatus(page.status());
+  metrics_->RecordRequest("ListDeltas", status.code(), absl::Now() - start);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::SetLabel(grpc::ServerContext* context, const pb::SetLabelRequest* request,
                                         pb::SetLabelResponse* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<store::VersionInfo> version =
-      manager_->SetLabel(request->tenant(), request->task(), request->label(), request->version());
-  if (version.ok()) ToProto(*version, response->mutable_version());
-  metrics_->RecordRequest("SetLabel", version.status().code(), absl::Now() - start);
-  return ToGrpcStatus(version.status());
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    absl::StatusOr<store::VersionInfo> version =
+        manager_->SetLabel(admitted->tenant, request->task(), request->label(), request->version());
+    if (version.ok()) ToProto(*version, response->mutable_version());
+    status = version.status();
+  }
+  security_->Audit(context, admitted, request->tenant(), "label.set",
+                   absl::StrCat(request->task(), ":", request->label()),
+                   absl::StrCat("version ", request->version()), status);
+  metrics_->RecordRequest("SetLabel", status.code(), absl::Now() - start);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::DeleteLabel(grpc::ServerContext* context, const pb::DeleteLabelRequest* request,
                                            pb::DeleteLabelResponse* response) {
   const absl::Time start = absl::Now();
-  const absl::Status status = manager_->DeleteLabel(request->tenant(), request->task(), request->label());
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) status = manager_->DeleteLabel(admitted->tenant, request->task(), request->label());
+  security_->Audit(context, admitted, request->tenant(), "label.delete",
+                   absl::StrCat(request->task(), ":", request->label()), "", status);
   metrics_->RecordRequest("DeleteLabel", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 grpc::Status DeltaServiceImpl::DeleteVersion(grpc::ServerContext* context, const pb::DeleteVersionRequest* request,
                                              pb::DeleteVersionResponse* response) {
   const absl::Time start = absl::Now();
-  const absl::Status status = manager_->DeleteVersion(request->tenant(), request->task(), request->version());
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) status = manager_->DeleteVersion(admitted->tenant, request->task(), request->version());
+  security_->Audit(context, admitted, request->tenant(), "version.delete",
+                   absl::StrCat(request->task(), "@", request->version()), "", status);
   metrics_->RecordRequest("DeleteVersion", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 }  // namespace service

@@ -1,8 +1,10 @@
 // DeltaServiceImpl: the gRPC glue of deltaserve.v1.DeltaService (push, get, pull, list, label, delete delta
-// packs). Handlers are thin: they time the call, move bytes between the stream and the DeltaManager, convert the
-// status (ToGrpcStatus) and record metrics. Validation and storage live in deltas::DeltaManager.
+// packs). Handlers are thin: they time the call, admit it (CallSecurity), move bytes between the stream and the
+// DeltaManager, audit mutations, convert the status (Answer) and record metrics. Validation and storage live in
+// deltas::DeltaManager.
 //
-// Does not own the manager or the metrics; both must outlive it. Thread-safe (gRPC calls handlers concurrently).
+// Does not own the manager, the metrics or the call security; all must outlive it. Thread-safe (gRPC calls handlers
+// concurrently).
 #ifndef DELTASERVE_SERVER_SERVICE_DELTA_SERVICE_H_
 #define DELTASERVE_SERVER_SERVICE_DELTA_SERVICE_H_
 
@@ -11,6 +13,7 @@
 #include "deltaserve/v1/deltas.grpc.pb.h"
 #include "server/deltas/delta_manager.h"
 #include "server/metrics/metrics.h"
+#include "server/service/call_security.h"
 
 namespace deltaserve {
 namespace service {
@@ -24,8 +27,9 @@ class DeltaServiceImpl final : public deltaserve::v1::DeltaService::Service {
     int32_t default_chunk_bytes = 1 << 20;
   };
 
-  // REQUIRES: manager and metrics outlive this object.
-  DeltaServiceImpl(deltas::DeltaManager* manager, metrics::ServerMetrics* metrics, const Options& options);
+  // REQUIRES: manager, metrics and security (not null) outlive this object.
+  DeltaServiceImpl(deltas::DeltaManager* manager, metrics::ServerMetrics* metrics, const CallSecurity* security,
+                   const Options& options);
 
   grpc::Status PushDelta(grpc::ServerContext* context,
                          grpc::ServerReader<deltaserve::v1::PushDeltaRequest>* reader,
@@ -46,6 +50,7 @@ class DeltaServiceImpl final : public deltaserve::v1::DeltaService::Service {
  private:
   deltas::DeltaManager* const manager_;
   metrics::ServerMetrics* const metrics_;
+  const CallSecurity* const security_;
   const Options options_;
 };
 

@@ -70,15 +70,6 @@ batching::Priority FromProto(pb::Priority priority) {
   }
 }
 
-// The answer to a call: ToGrpcStatus(status), plus the batcher's retry hint (RESOURCE_EXHAUSTED when a queue is
-// full) as the trailing metadata `retry-after-ms` (docs/API.md).
-grpc::Status Answer(grpc::ServerContext* context, const absl::Status& status) {
-  if (std::optional<absl::Duration> hint = batching::GetRetryAfter(status)) {
-    context->AddTrailingMetadata("retry-after-ms", std::to_string(absl::ToInt64Milliseconds(*hint)));
-  }
-  return ToGrpcStatus(status);
-}
-
 inference::Truncation FromProto(pb::Truncation truncation) {
   switch (truncation) {
     case pb::TRUNCATION_TRUNCATE:
@@ -168,21 +159,28 @@ void ToProto(inference::EmbedResponse&& in, const std::string& model_name, pb::E
 }  // namespace
 
 InferenceServiceImpl::InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics,
-                                           ServerFacts facts, deltas::DeltaManager* deltas)
-    : engine_(engine), metrics_(metrics), facts_(std::move(facts)), deltas_(deltas) {}
+                                           ServerFacts facts, deltas::DeltaManager* deltas,
+                                           const CallSecurity* security)
+    : engine_(engine), metrics_(metrics), facts_(std::move(facts)), deltas_(deltas), security_(security) {}
 
 grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb::EmbedRequest* request,
                                          pb::EmbedResponse* response) {
   const absl::Time start = absl::Now();
-  inference::CallContext call;
-  call.deadline = absl::FromChrono(context->deadline());
-  call.is_cancelled = [context] { return context->IsCancelled(); };
-  absl::StatusOr<inference::EmbedResponse> result = engine_->Embed(FromProto(*request), call);
-  if (result.ok()) {
-    metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
-    ToProto(*std::move(result), engine_->model().info().name, response);
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    inference::CallContext call;
+    call.deadline = absl::FromChrono(context->deadline());
+    call.is_cancelled = [context] { return context->IsCancelled(); };
+    inference::EmbedRequest embed = FromProto(*request);
+    embed.tenant = admitted->tenant;
+    absl::StatusOr<inference::EmbedResponse> result = engine_->Embed(embed, call);
+    if (result.ok()) {
+      metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
+      ToProto(*std::move(result), engine_->model().info().name, response);
+    }
+    status = result.status();
   }
-  const absl::Status status = result.status();
   metrics_->RecordRequest("Embed", status.code(), absl::Now() - start);
   return Answer(context, status);
 }
@@ -190,15 +188,21 @@ grpc::Status InferenceServiceImpl::Embed(grpc::ServerContext* context, const pb:
 grpc::Status InferenceServiceImpl::Classify(grpc::ServerContext* context, const pb::ClassifyRequest* request,
                                             pb::ClassifyResponse* response) {
   const absl::Time start = absl::Now();
-  inference::CallContext call;
-  call.deadline = absl::FromChrono(context->deadline());
-  call.is_cancelled = [context] { return context->IsCancelled(); };
-  absl::StatusOr<inference::ClassifyResponse> result = engine_->Classify(FromProto(*request), call);
-  if (result.ok()) {
-    metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
-    ToProto(*result, engine_->model().info().name, response);
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok()) {
+    inference::CallContext call;
+    call.deadline = absl::FromChrono(context->deadline());
+    call.is_cancelled = [context] { return context->IsCancelled(); };
+    inference::ClassifyRequest classify = FromProto(*request);
+    classify.tenant = admitted->tenant;
+    absl::StatusOr<inference::ClassifyResponse> result = engine_->Classify(classify, call);
+    if (result.ok()) {
+      metrics_->RecordInputs(static_cast<int64_t>(result->results.size()), result->total_tokens);
+      ToProto(*result, engine_->model().info().name, response);
+    }
+    status = result.status();
   }
-  const absl::Status status = result.status();
   metrics_->RecordRequest("Classify", status.code(), absl::Now() - start);
   return Answer(context, status);
 }
@@ -207,6 +211,11 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
                                                 const pb::GetModelInfoRequest* request,
                                                 pb::GetModelInfoResponse* response) {
   const absl::Time start = absl::Now();
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, "");
+  if (!admitted.ok()) {
+    metrics_->RecordRequest("GetModelInfo", admitted.status().code(), absl::Now() - start);
+    return Answer(context, admitted.status());
+  }
   const model::ModelInfo& info = engine_->model().info();
   pb::ModelInfo* m = response->mutable_model();
   m->set_family(info.family);
@@ -245,19 +254,21 @@ grpc::Status InferenceServiceImpl::GetModelInfo(grpc::ServerContext* context,
 grpc::Status InferenceServiceImpl::Prefetch(grpc::ServerContext* context, const pb::PrefetchRequest* request,
                                             pb::PrefetchResponse* response) {
   const absl::Time start = absl::Now();
-  absl::Status status = absl::UnimplementedError("this server has no delta manager");
-  if (deltas_ != nullptr) {
+  absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
+  absl::Status status = admitted.status();
+  if (admitted.ok() && deltas_ == nullptr) status = absl::UnimplementedError("this server has no delta manager");
+  if (admitted.ok() && deltas_ != nullptr) {
     std::vector<inference::TaskSelector> selectors;
     selectors.reserve(request->tasks_size());
     for (const pb::TaskRef& task : request->tasks()) selectors.push_back(FromProto(task));
-    absl::StatusOr<std::vector<deltas::PrefetchResult>> result = deltas_->Prefetch(request->tenant(), selectors);
+    absl::StatusOr<std::vector<deltas::PrefetchResult>> result = deltas_->Prefetch(admitted->tenant, selectors);
     if (result.ok()) {
       for (const deltas::PrefetchResult& r : *result) ToProto(r, response->add_deltas());
     }
     status = result.status();
   }
   metrics_->RecordRequest("Prefetch", status.code(), absl::Now() - start);
-  return ToGrpcStatus(status);
+  return Answer(context, status);
 }
 
 }  // namespace service

@@ -1,8 +1,9 @@
 // InferenceServiceImpl: the gRPC glue of deltaserve.v1.InferenceService. Handlers are thin: they time the call,
-// convert the proto to the engine's request, delegate to the InferenceEngine, convert the status (ToGrpcStatus)
-// and the result, and record metrics. No logic lives here.
+// admit it (CallSecurity: caller, tenant, quota), convert the proto to the engine's request, delegate to the
+// InferenceEngine, convert the status (Answer) and the result, and record metrics. No logic lives here.
 //
-// Does not own the engine, the metrics or the delta manager; all must outlive it. Thread-safe (gRPC calls handlers concurrently).
+// Does not own the engine, the metrics, the delta manager or the call security; all must outlive it. Thread-safe
+// (gRPC calls handlers concurrently).
 #ifndef DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 #define DELTASERVE_SERVER_SERVICE_INFERENCE_SERVICE_H_
 
@@ -11,6 +12,7 @@
 
 #include "deltaserve/v1/inference.grpc.pb.h"
 #include "server/deltas/delta_manager.h"
+#include "server/service/call_security.h"
 #include "server/inference/inference_engine.h"
 #include "server/metrics/metrics.h"
 
@@ -31,9 +33,10 @@ struct ServerFacts {
 
 class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Service {
  public:
-  // REQUIRES: engine, metrics and deltas (nullptr: Prefetch answers UNIMPLEMENTED) outlive this object.
+  // REQUIRES: engine, metrics, deltas (nullptr: Prefetch answers UNIMPLEMENTED) and security (not null) outlive
+  // this object.
   InferenceServiceImpl(inference::InferenceEngine* engine, metrics::ServerMetrics* metrics, ServerFacts facts,
-                       deltas::DeltaManager* deltas = nullptr);
+                       deltas::DeltaManager* deltas, const CallSecurity* security);
 
   grpc::Status Embed(grpc::ServerContext* context, const deltaserve::v1::EmbedRequest* request,
                      deltaserve::v1::EmbedResponse* response) override;
@@ -49,6 +52,7 @@ class InferenceServiceImpl final : public deltaserve::v1::InferenceService::Serv
   metrics::ServerMetrics* const metrics_;
   const ServerFacts facts_;
   deltas::DeltaManager* const deltas_;
+  const CallSecurity* const security_;
 };
 
 }  // namespace service

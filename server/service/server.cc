@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/common/file_util.h"
 #include "server/common/logging.h"
 #include "server/common/status_macros.h"
 #include "server/metrics/http_server.h"
@@ -16,6 +18,7 @@
 #include "server/model/model_loader.h"
 #include "delta_store/caching_store.h"
 #include "delta_store/memory_store.h"
+#include "server/service/call_security.h"
 #include "server/service/delta_service.h"
 #include "server/service/tuning_service.h"
 #include "server/service/inference_service.h"
@@ -59,6 +62,47 @@ absl::StatusOr<std::unique_ptr<store::DeltaStore>> OpenStore(const DeltaServer::
       std::make_unique<store::CachingStore>(std::move(remote), std::move(local), caching));
 }
 
+// The contents of a PEM file named by a flag; INVALID_ARGUMENT naming the flag's purpose when unreadable or not PEM.
+absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view what) {
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, " cannot be read: ", text.status().message()));
+  }
+  if (!absl::StrContains(*text, "-----BEGIN ")) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, " is not a PEM file"));
+  }
+  return text;
+}
+
+// The gRPC port's credentials: plaintext, TLS, or TLS verifying client certificates.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const DeltaServer::Options::Security& s) {
+  if (s.tls_cert_file.empty() != s.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both a certificate (--tls_cert) and its key (--tls_key)");
+  }
+  if (s.tls_cert_file.empty()) {
+    if (!s.tls_client_ca_file.empty() || s.tls_require_client_cert) {
+      return absl::InvalidArgumentError(
+          "client certificates (--tls_client_ca, --tls_require_client_cert) need TLS: give --tls_cert and --tls_key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (s.tls_require_client_cert && s.tls_client_ca_file.empty()) {
+    return absl::InvalidArgumentError("--tls_require_client_cert needs --tls_client_ca (the CA that signs them)");
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      s.tls_client_ca_file.empty()    ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+      : s.tls_require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                  : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  DS_ASSIGN_OR_RETURN(pair.private_key, ReadPem(s.tls_key_file, "TLS key"));
+  DS_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(s.tls_cert_file, "TLS certificate"));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!s.tls_client_ca_file.empty()) {
+    DS_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(s.tls_client_ca_file, "client CA"));
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& options) {
@@ -77,7 +121,41 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->metrics_->SetModelLoadSeconds(load_seconds);
   server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
 
-  DS_ASSIGN_OR_RETURN(server->store_, OpenStore(options));
+  // Who may call: the audit log first (the authenticator records token changes in it), then the tenants file.
+  const Options::Security& security = options.security;
+  DS_ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials, ServerCredentials(security));
+  if (!security.audit_log.empty()) {
+    auth::AuditLog::Options audit;
+    audit.path = security.audit_log;
+    audit.sync = security.audit_log_sync;
+    DS_ASSIGN_OR_RETURN(server->audit_, auth::AuditLog::Open(audit));
+    DS_LOG(INFO) << "audit log at " << security.audit_log;
+  }
+  auth::Authenticator::Options authn;
+  authn.tenants_file = security.tenants_file;
+  authn.reload_interval = security.tenants_reload_interval;
+  authn.audit = server->audit_.get();
+  DS_ASSIGN_OR_RETURN(server->authenticator_, auth::Authenticator::Create(authn));
+  if (server->authenticator_->enabled()) {
+    DS_LOG(INFO) << "authentication on: tenants and API tokens from " << security.tenants_file;
+  } else {
+    DS_LOG(WARNING) << "*** AUTHENTICATION IS OFF (no --tenants_file): every caller may read, change and delete "
+                       "every tenant's packs and jobs. Use this only on a machine you alone can reach; see "
+                       "docs/SECURITY.md to turn it on. ***";
+  }
+  server->limiter_ = std::make_unique<auth::RequestLimiter>(auth::RequestLimiter::Options{});
+  server->call_security_ = std::make_unique<CallSecurity>(server->authenticator_.get(), server->limiter_.get(),
+                                                          server->audit_.get());
+
+  // Per-tenant store quotas from the tenants file (asked at every push; the file's values override the flags').
+  Options store_options = options;
+  store_options.store.quotas.lookup =
+      [authn = server->authenticator_.get()](const std::string& tenant) -> std::optional<store::Quota> {
+    std::optional<auth::TenantQuota> q = authn->QuotaOf(tenant);
+    if (!q.has_value()) return std::nullopt;
+    return store::Quota{q->store_bytes, q->max_packs};
+  };
+  DS_ASSIGN_OR_RETURN(server->store_, OpenStore(store_options));
   deltas::DeltaManager::Options delta_options = options.deltas;
   delta_options.limits.max_bytes = std::min(delta_options.limits.max_bytes, options.store.max_blob_bytes);
   delta_options.cache_observer = server->metrics_.get();
@@ -104,16 +182,16 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   facts.num_deltas = [d = server->deltas_.get()] { return d->num_packs(); };
   server->inference_service_ =
       std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts,
-                                             server->deltas_.get());
+                                             server->deltas_.get(), server->call_security_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(-1);
   server->delta_service_ = std::make_unique<DeltaServiceImpl>(
-      server->deltas_.get(), server->metrics_.get(),
+      server->deltas_.get(), server->metrics_.get(), server->call_security_.get(),
       DeltaServiceImpl::Options{delta_options.limits.max_bytes});
   builder.RegisterService(server->inference_service_.get());
   builder.RegisterService(server->delta_service_.get());
@@ -121,23 +199,34 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   job_options.trainer.model_dir = options.model_dir;
   job_options.default_tenant = options.deltas.default_tenant;
   job_options.observer = server->metrics_.get();
+  job_options.tenant_limits = [authn = server->authenticator_.get()](const std::string& tenant) {
+    std::optional<auth::TenantQuota> q = authn->QuotaOf(tenant);
+    return q.has_value() ? tuning::TenantJobLimits{q->max_queued_jobs, q->max_running_jobs} : tuning::TenantJobLimits{};
+  };
   server->jobs_ = std::make_unique<tuning::JobManager>(server->model_.get(), server->deltas_.get(),
                                                        server->store_.get(), job_options);
   DS_RETURN_IF_ERROR(server->jobs_->Start());
   server->tuning_service_ = std::make_unique<TuningServiceImpl>(
-      server->jobs_.get(), server->metrics_.get(), TuningServiceImpl::Options{job_options.max_dataset_bytes});
+      server->jobs_.get(), server->metrics_.get(), server->call_security_.get(),
+      TuningServiceImpl::Options{job_options.max_dataset_bytes});
   builder.RegisterService(server->tuning_service_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ParseErrorInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.listen_address, " (in use, or not a valid host:port)"));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", options.listen_address, " (in use, or not a valid host:port",
+        security.tls_cert_file.empty() ? ")" : "; or the TLS certificate and key do not match or cannot be parsed)"));
   }
   if (!options.metrics_address.empty()) {
+    metrics::MetricsHttpServer::Options http;
+    http.listen_address = options.metrics_address;
+    http.tls_cert_file = security.metrics_tls_cert_file;
+    http.tls_key_file = security.metrics_tls_key_file;
+    http.tls_client_ca_file = security.metrics_tls_client_ca_file;
     server->metrics_http_ = std::make_unique<metrics::MetricsHttpServer>(
-        metrics::MetricsHttpServer::Options{options.metrics_address},
+        http,
         [m = server->metrics_.get()] { return m->Serialize(); });
     DS_RETURN_IF_ERROR(server->metrics_http_->Start());
   }
@@ -145,8 +234,11 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.InferenceService", true);
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.DeltaService", true);
   server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.TuningService", true);
-  DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_ << ")"
-               << (server->metrics_http_ ? absl::StrCat(", metrics on http://", options.metrics_address,
+  DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_
+               << (security.tls_cert_file.empty() ? ", plaintext" : ", TLS") << ")"
+               << (server->metrics_http_ ? absl::StrCat(", metrics on ",
+                                                        security.metrics_tls_cert_file.empty() ? "http" : "https",
+                                                        "://", options.metrics_address,
                                                         "/metrics (port ", server->metrics_http_->port(), ")")
                                          : std::string());
   return server;

@@ -1,7 +1,7 @@
 // DeltaServer: the whole deltaserve process minus flag parsing: loads the model, builds the inference engine,
-// opens the delta store, starts the gRPC server (InferenceService, DeltaService, TuningService, grpc.health.v1,
-// reflection), runs the fine-tuning jobs and the metrics HTTP endpoint, and shuts
-// all of it down gracefully.
+// opens the delta store, sets up authentication (tenants file, TLS) and the audit log, starts the gRPC server
+// (InferenceService, DeltaService, TuningService, grpc.health.v1, reflection), runs the fine-tuning jobs and the
+// metrics HTTP endpoint, and shuts all of it down gracefully.
 //
 // Owns every component it starts. Thread-safe: Shutdown() may be called from any thread (e.g. a signal thread)
 // while another thread is in Wait().
@@ -18,6 +18,9 @@
 #include "delta_store/fs_store.h"
 #include "delta_store/oci_store.h"
 #include "delta_store/store.h"
+#include "server/auth/audit_log.h"
+#include "server/auth/authenticator.h"
+#include "server/auth/request_limiter.h"
 #include "server/deltas/delta_manager.h"
 #include "server/inference/inference_engine.h"
 #include "server/model/model.h"
@@ -37,6 +40,7 @@ namespace service {
 class InferenceServiceImpl;
 class DeltaServiceImpl;
 class TuningServiceImpl;
+class CallSecurity;
 
 class DeltaServer {
  public:
@@ -80,6 +84,32 @@ class DeltaServer {
     inference::InferenceEngine::Options engine;
     // Largest gRPC message accepted, in bytes.
     int max_receive_message_bytes = 16 << 20;
+    // Who may call, TLS, and the audit log (docs/SECURITY.md).
+    struct Security {
+      // The tenants file (API token hashes, roles, quotas; server/auth/tenants.h); "" = the auth-free mode: every
+      // caller may act for every tenant (for local use only; logged loudly at start).
+      std::string tenants_file;
+      // How often the tenants file is checked for changes (tokens are created and revoked without a restart).
+      absl::Duration tenants_reload_interval = absl::Seconds(2);
+      // The audit log (JSON lines of every mutation and refused attempt); "" = none.
+      std::string audit_log;
+      // fsync the audit log after every line.
+      bool audit_log_sync = false;
+      // TLS for the gRPC port: a PEM certificate chain and its private key ("" = plaintext).
+      std::string tls_cert_file;
+      std::string tls_key_file;
+      // A PEM CA bundle: client certificates signed by it are verified, and a tenant whose certificate_names
+      // holds a certificate's common name is authenticated by it (mutual TLS). "" = no client certificates.
+      std::string tls_client_ca_file;
+      // With tls_client_ca_file: refuse connections without a valid client certificate (else a bearer token
+      // may stand in for one).
+      bool tls_require_client_cert = false;
+      // TLS for the metrics port (server/metrics/http_server.h); "" = plain HTTP.
+      std::string metrics_tls_cert_file;
+      std::string metrics_tls_key_file;
+      std::string metrics_tls_client_ca_file;
+    };
+    Security security;
     // Facts reported by GetModelInfo and the metrics.
     std::string blas = "unknown";
     int intra_op_threads = 0;
@@ -106,6 +136,10 @@ class DeltaServer {
   Options options_;
   std::shared_ptr<const model::Model> model_;
   std::unique_ptr<metrics::ServerMetrics> metrics_;
+  std::unique_ptr<auth::AuditLog> audit_;
+  std::unique_ptr<auth::Authenticator> authenticator_;
+  std::unique_ptr<auth::RequestLimiter> limiter_;
+  std::unique_ptr<CallSecurity> call_security_;
   std::unique_ptr<store::DeltaStore> store_;
   std::unique_ptr<deltas::DeltaManager> deltas_;
   std::unique_ptr<inference::InferenceEngine> engine_;

@@ -1,8 +1,9 @@
 // TuningServiceImpl: the gRPC glue of deltaserve.v1.TuningService (upload datasets; submit, get, list, cancel and
-// watch fine-tuning jobs). Handlers are thin: they time the call, move bytes or messages between the stream and
-// the tuning::JobManager, convert the status (ToGrpcStatus) and record metrics.
+// watch fine-tuning jobs). Handlers are thin: they time the call, admit it (CallSecurity), move bytes or messages
+// between the stream and the tuning::JobManager, audit mutations, convert the status (Answer) and record metrics.
 //
-// Does not own the manager or the metrics; both must outlive it. Thread-safe (gRPC calls handlers concurrently).
+// Does not own the manager, the metrics or the call security; all must outlive it. Thread-safe (gRPC calls
+// handlers concurrently).
 #ifndef DELTASERVE_SERVER_SERVICE_TUNING_SERVICE_H_
 #define DELTASERVE_SERVER_SERVICE_TUNING_SERVICE_H_
 
@@ -10,6 +11,7 @@
 
 #include "deltaserve/v1/tuning.grpc.pb.h"
 #include "server/metrics/metrics.h"
+#include "server/service/call_security.h"
 #include "server/tuning/job_manager.h"
 
 namespace deltaserve {
@@ -22,8 +24,9 @@ class TuningServiceImpl final : public deltaserve::v1::TuningService::Service {
     int64_t max_upload_bytes = int64_t{256} << 20;
   };
 
-  // REQUIRES: jobs and metrics outlive this object.
-  TuningServiceImpl(tuning::JobManager* jobs, metrics::ServerMetrics* metrics, const Options& options);
+  // REQUIRES: jobs, metrics and security (not null) outlive this object.
+  TuningServiceImpl(tuning::JobManager* jobs, metrics::ServerMetrics* metrics, const CallSecurity* security,
+                    const Options& options);
 
   grpc::Status UploadDataset(grpc::ServerContext* context,
                              grpc::ServerReader<deltaserve::v1::UploadDatasetRequest>* reader,
@@ -42,6 +45,7 @@ class TuningServiceImpl final : public deltaserve::v1::TuningService::Service {
  private:
   tuning::JobManager* const jobs_;
   metrics::ServerMetrics* const metrics_;
+  const CallSecurity* const security_;
   const Options options_;
 };
 

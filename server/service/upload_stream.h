@@ -6,6 +6,7 @@
 #define DELTASERVE_SERVER_SERVICE_UPLOAD_STREAM_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -19,19 +20,27 @@ namespace deltaserve {
 namespace service {
 
 // Reads the header into *header and the chunks into *bytes. `rpc` names the call and `noun` what is uploaded
-// ("pack", "dataset") in the messages. Errors: INVALID_ARGUMENT (no header first, a header later, a negative or
+// ("pack", "dataset") in the messages. `on_header` (optional) checks the header before any chunk is read (e.g.
+// the tenant it names); its error ends the call. Errors: INVALID_ARGUMENT (no header first, a header later, a negative or
 // wrong size_bytes, no bytes at all), RESOURCE_EXHAUSTED (over max_bytes, announced or arriving), CANCELLED (the
 // client went away).
 // REQUIRES: Request is a message with a oneof `part` of `header` (with int64 size_bytes) and `bytes chunk`.
 template <typename Request>
 absl::Status ReadUploadStream(grpc::ServerContext* context, grpc::ServerReader<Request>* reader, int64_t max_bytes,
                               absl::string_view rpc, absl::string_view noun,
-                              std::decay_t<decltype(std::declval<Request>().header())>* header, std::string* bytes) {
+                              std::decay_t<decltype(std::declval<Request>().header())>* header, std::string* bytes,
+                              const std::function<absl::Status(
+                                  const std::decay_t<decltype(std::declval<Request>().header())>&)>& on_header =
+                                  nullptr) {
   Request message;
   if (!reader->Read(&message) || message.part_case() != Request::kHeader) {
     return absl::InvalidArgumentError(absl::StrCat(rpc, ": the first message must carry the header"));
   }
   *header = message.header();  // a copy: the chunks below overwrite `message`
+  if (on_header) {
+    absl::Status checked = on_header(*header);
+    if (!checked.ok()) return checked;
+  }
   const int64_t announced = header->size_bytes();
   if (announced < 0) {
     return absl::InvalidArgumentError(absl::StrCat(rpc, ": size_bytes is ", announced, ": give the ", noun,

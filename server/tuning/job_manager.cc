@@ -286,10 +286,22 @@ absl::StatusOr<store::BlobInfo> JobManager::UploadDataset(const std::string& ten
     return absl::DataLossError(absl::StrCat("the upload hashes to ", digest, ", not the expected ",
                                             expected_digest, ": it was damaged in transit; upload it again"));
   }
-  return store::PutBlob(*store_, bytes, digest);
+  DS_ASSIGN_OR_RETURN(const std::string owner, Tenant(tenant));
+  DS_ASSIGN_OR_RETURN(store::BlobInfo blob, store::PutBlob(*store_, bytes, digest));
+  // The tenant's claim on the dataset: a small blob whose content names both, so that only the tenant that
+  // uploaded a dataset can train on it (the blob store itself is shared by content), also across replicas that
+  // share a registry store. It lives as long as uploads do (the store's GC grace).
+  const std::string claim = DatasetClaim(owner, digest);
+  DS_RETURN_IF_ERROR(store::PutBlob(*store_, claim, Sha256Digest(claim)).status());
+  return blob;
 }
 
-absl::StatusOr<std::string> JobManager::ReadBlob(const std::string& digest, const char* what) const {
+std::string JobManager::DatasetClaim(const std::string& tenant, const std::string& digest) {
+  return nlohmann::json{{"deltaserve.dataset_claim.v1", {{"digest", digest}, {"tenant", tenant}}}}.dump();
+}
+
+absl::StatusOr<std::string> JobManager::ReadBlob(const std::string& tenant, const std::string& digest,
+                                                 const char* what) const {
   if (digest.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": give the digest of an uploaded dataset (UploadDataset)"));
   }
@@ -297,11 +309,17 @@ absl::StatusOr<std::string> JobManager::ReadBlob(const std::string& digest, cons
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": \"", digest, "\" is not sha256:<64 lowercase hex digits>"));
   }
+  const auto not_found = [&] {
+    return absl::NotFoundError(absl::StrCat(what, ": tenant \"", tenant, "\" has no uploaded dataset with digest ",
+                                            digest, " (uploads are kept for an hour: upload it again)"));
+  };
+  // Another tenant's dataset (or any other blob) is answered like a missing one.
+  const std::string claim = DatasetClaim(tenant, digest);
+  absl::StatusOr<store::BlobInfo> claimed = store_->StatBlob(Sha256Digest(claim));
+  if (absl::IsNotFound(claimed.status())) return not_found();
+  DS_RETURN_IF_ERROR(claimed.status());
   absl::StatusOr<std::string> bytes = store::ReadBlob(*store_, digest);
-  if (absl::IsNotFound(bytes.status())) {
-    return absl::NotFoundError(absl::StrCat(what, ": no uploaded dataset has digest ", digest,
-                                            " (uploads are kept for an hour: upload it again)"));
-  }
+  if (absl::IsNotFound(bytes.status())) return not_found();
   return bytes;
 }
 
@@ -395,10 +413,10 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
     return absl::InvalidArgumentError(
         absl::StrCat("validation_fraction must be in (0, 1), got ", spec.validation_fraction()));
   }
-  DS_ASSIGN_OR_RETURN(std::string train_bytes, ReadBlob(spec.train().digest(), "train"));
+  DS_ASSIGN_OR_RETURN(std::string train_bytes, ReadBlob(tenant, spec.train().digest(), "train"));
   std::string validation_bytes;
   if (spec.validation_case() == pb::JobSpec::kValidationDataset) {
-    DS_ASSIGN_OR_RETURN(validation_bytes, ReadBlob(spec.validation_dataset().digest(), "validation_dataset"));
+    DS_ASSIGN_OR_RETURN(validation_bytes, ReadBlob(tenant, spec.validation_dataset().digest(), "validation_dataset"));
   }
 
   auto entry = std::make_shared<Entry>();
@@ -437,6 +455,8 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
       DS_RETURN_IF_ERROR(WriteFileAtomically(JobDir(job.id()) + "/" + kValidationFile, validation_bytes));
     }
   }
+  const TenantJobLimits limits = LimitsOf(tenant);
+  const int64_t max_queued = limits.max_queued > 0 ? limits.max_queued : options_.max_queued_jobs_per_tenant;
   {
     absl::MutexLock lock(&mu_);
     if (!request.request_id().empty()) {  // a concurrent twin may have won the race
@@ -446,14 +466,14 @@ absl::StatusOr<std::pair<pb::Job, bool>> JobManager::Submit(const pb::SubmitJobR
         }
       }
     }
-    int active = 0;
+    int64_t active = 0;
     for (const auto& [id, other] : jobs_) {
       if (other->job.tenant() == tenant && !IsFinal(other->job.state())) ++active;
     }
-    if (active >= options_.max_queued_jobs_per_tenant) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "tenant \"", tenant, "\" has ", active, " jobs queued or running, the limit is ",
-          options_.max_queued_jobs_per_tenant, ": wait for one to finish or cancel one"));
+    if (active >= max_queued) {
+      return absl::ResourceExhaustedError(absl::StrCat("tenant \"", tenant, "\" has ", active,
+                                                       " jobs queued or running, the limit is ", max_queued,
+                                                       ": wait for one to finish or cancel one"));
     }
     DS_RETURN_IF_ERROR(Persist(*entry));
     jobs_[job.id()] = entry;
@@ -556,15 +576,41 @@ absl::StatusOr<pb::Job> JobManager::Watch(const std::string& tenant, const std::
   return entry->job;
 }
 
+TenantJobLimits JobManager::LimitsOf(const std::string& tenant) const {
+  return options_.tenant_limits ? options_.tenant_limits(tenant) : TenantJobLimits{};
+}
+
+std::optional<std::string> JobManager::NextRunnable() const {
+  std::map<std::string, int64_t> running;  // per tenant, counted once per call
+  bool counted = false;
+  for (const std::string& id : queue_) {
+    const std::string& tenant = jobs_.at(id)->job.tenant();
+    const int64_t limit = LimitsOf(tenant).max_running;
+    if (limit <= 0) return id;
+    if (!counted) {
+      for (const auto& [other_id, other] : jobs_) {
+        if (other->job.state() == pb::JOB_STATE_RUNNING) ++running[other->job.tenant()];
+      }
+      counted = true;
+    }
+    if (running[tenant] < limit) return id;
+  }
+  return std::nullopt;
+}
+
 void JobManager::WorkerLoop() {
   while (true) {
     std::shared_ptr<Entry> entry;
     {
       absl::MutexLock lock(&mu_);
-      while (!stopping_ && queue_.empty()) work_cv_.Wait(&mu_);
+      std::optional<std::string> next;
+      while (!stopping_ && !(next = NextRunnable()).has_value()) {
+        // Woken by a submit or a finished job; the timeout notices limits raised in the tenants file.
+        work_cv_.WaitWithTimeout(&mu_, absl::Seconds(2));
+      }
       if (stopping_) return;
-      const std::string id = queue_.front();
-      queue_.pop_front();
+      const std::string id = *next;
+      queue_.erase(std::find(queue_.begin(), queue_.end(), id));
       entry = jobs_[id];
       entry->job.set_state(pb::JOB_STATE_RUNNING);
       entry->job.set_attempts(entry->job.attempts() + 1);
@@ -580,6 +626,7 @@ void JobManager::WorkerLoop() {
     {
       absl::MutexLock lock(&mu_);
       --running_;
+      work_cv_.SignalAll();  // a tenant at its running limit may have a queued job that can start now
     }
     NotifyCounts();
   }

@@ -10,11 +10,13 @@
 // crash between the end of training and the push re-runs no step: the final checkpoint gives the same pack, and
 // pushing the same pack twice is idempotent. With jobs_dir empty jobs live in memory only (lost on restart).
 //
-// Scheduling: at most max_concurrent_jobs run at once, oldest queued first; each tenant may have at most
-// max_queued_jobs_per_tenant jobs waiting or running (RESOURCE_EXHAUSTED beyond). Jobs run on their own threads
+// Scheduling: at most max_concurrent_jobs run at once, oldest queued first among tenants under their running limit
+// (Options::tenant_limits); each tenant may have at most max_queued_jobs_per_tenant (or its own limit) jobs
+// waiting or running (RESOURCE_EXHAUSTED beyond). Jobs run on their own threads
 // with TrainerOptions::threads intra-op threads at a lower priority (nice), so that serving keeps its latency.
 //
-// Tenancy: every job belongs to a tenant; another tenant's job is NOT_FOUND, as in the store.
+// Tenancy: every job belongs to a tenant; another tenant's job is NOT_FOUND, as in the store, and so is a dataset
+// the tenant did not upload itself.
 //
 // Thread-safe. Owns its worker threads; the destructor stops them (a running job is interrupted, not cancelled:
 // it stays RUNNING on disk and resumes at the next Start()).
@@ -23,8 +25,10 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -43,6 +47,11 @@
 
 namespace deltaserve {
 namespace tuning {
+
+struct TenantJobLimits {
+  int64_t max_queued = 0;   // jobs queued or running; 0 = Options::max_queued_jobs_per_tenant
+  int64_t max_running = 0;  // jobs running at once; 0 = no per-tenant bound (max_concurrent_jobs still applies)
+};
 
 class JobManager {
  public:
@@ -65,6 +74,10 @@ class JobManager {
     absl::Duration progress_interval = absl::Milliseconds(200);
     // Told about jobs; nullptr = nobody. Must outlive the manager.
     JobObserver* observer = nullptr;
+    // A tenant's own limits (e.g. from the tenants file): jobs queued or running, and jobs running at once; a 0
+    // field = max_queued_jobs_per_tenant, resp. no per-tenant bound. Asked at every submit and every scheduling
+    // decision; must be thread-safe and quick. Empty = the server-wide settings for everyone.
+    std::function<TenantJobLimits(const std::string& tenant)> tenant_limits;
   };
 
   // REQUIRES: model, deltas and store outlive the manager; `store` is the one `deltas` publishes to.
@@ -102,7 +115,13 @@ class JobManager {
   // Parses, labels and splits a job's datasets (at submit from the store, at run from the job's copies).
   absl::StatusOr<TrainingProblem> BuildProblem(const deltaserve::v1::Job& job, const std::string& train_bytes,
                                                const std::string& validation_bytes) const;
-  absl::StatusOr<std::string> ReadBlob(const std::string& digest, const char* what) const;
+  // The bytes of dataset `digest` uploaded by `tenant`; NOT_FOUND when missing or uploaded by another tenant only.
+  TenantJobLimits LimitsOf(const std::string& tenant) const;
+  // The first queued job whose tenant is under its running limit, if any.
+  std::optional<std::string> NextRunnable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::string> ReadBlob(const std::string& tenant, const std::string& digest, const char* what) const;
+  // The content of the blob that records `tenant`'s upload of dataset `digest`.
+  static std::string DatasetClaim(const std::string& tenant, const std::string& digest);
   absl::Status Persist(const Entry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string JobDir(const std::string& id) const;
   void WorkerLoop();

@@ -178,7 +178,7 @@ TEST_F(DeltaManagerTest, ResolvesEveryReferenceForm) {
   // Another tenant cannot reach acme's packs, by name or by digest.
   EXPECT_EQ(ResolveText("globex", "sentiment").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(ResolveText("globex", v1.version.digest).status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(ResolveText("globex", "acme/sentiment").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ResolveText("globex", "acme/sentiment").status().code(), absl::StatusCode::kPermissionDenied);
   // A text reference with a separate selector is ambiguous.
   inference::TaskSelector mixed;
   mixed.task = "sentiment@1";
@@ -341,7 +341,7 @@ TEST_F(DeltaManagerTest, PrefetchRejectsBadReferencesBeforeLoadingAnything) {
   auto bad = fresh.Prefetch("acme", {good, malformed});
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("task reference 2 of 2"));
-  EXPECT_EQ(fresh.Prefetch("acme", {other_tenant}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(fresh.Prefetch("acme", {other_tenant}).status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(fresh.num_packs(), 0);
   EXPECT_EQ(fresh.Prefetch("acme", {missing}).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(fresh.Prefetch("globex", {good}).status().code(), absl::StatusCode::kNotFound);

@@ -270,7 +270,7 @@ TEST_F(DeltaServingTest, AnswersClearErrorsForBadTaskReferences) {
       {"", "", "sha256:" + std::string(64, '0'), "", absl::StatusCode::kNotFound, "is not a version of any task"},
       {"", "sentiment", "", "prod", absl::StatusCode::kNotFound, "has no label \"prod\""},
       {"", "sentiment@latest", "", "", absl::StatusCode::kInvalidArgument, "version"},
-      {"acme", "globex/topic", "", "", absl::StatusCode::kInvalidArgument, "names tenant \"globex\""},
+      {"acme", "globex/topic", "", "", absl::StatusCode::kPermissionDenied, "names tenant \"globex\""},
   };
   for (const Case& c : cases) {
     pb::EmbedRequest request;

@@ -96,7 +96,8 @@ std::string MakeTempDir() {
 }
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::vector<std::string>& args,
-                                                                    absl::Duration timeout) {
+                                                                    absl::Duration timeout,
+                                                                    client::DeltaserveClient::Options options) {
   std::unique_ptr<ServerProcess> server(new ServerProcess());
   server->dir_ = MakeTempDir();
   const std::string port_file = server->dir_ + "/ports";
@@ -121,7 +122,6 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::v
     if (absl::Now() >= end) return absl::DeadlineExceededError("deltaserve did not start:\n" + server->Log());
     absl::SleepFor(absl::Milliseconds(20));
   }
-  client::DeltaserveClient::Options options;
   options.target = server->address();
   options.timeout = absl::Seconds(2);
   client::DeltaserveClient client(options);

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/client.h"
 
 namespace deltaserve {
 namespace testing {
@@ -33,9 +34,11 @@ std::string MakeTempDir();
 class ServerProcess {
  public:
   // Starts deltaserve with `args` (plus --listen / --metrics_listen on free ports and --port_file) and waits
-  // until it serves (port file written and health SERVING) or `timeout` passes.
+  // until it serves (port file written and health SERVING) or `timeout` passes. The health check connects with
+  // `client` (its target and timeout are set here): give it the TLS files when `args` turn TLS on.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::vector<std::string>& args,
-                                                              absl::Duration timeout = absl::Seconds(120));
+                                                              absl::Duration timeout = absl::Seconds(120),
+                                                              client::DeltaserveClient::Options client = {});
   ~ServerProcess();
 
   int port() const { return port_; }

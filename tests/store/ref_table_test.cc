@@ -112,6 +112,63 @@ TEST(RefTableTest, QuotaErrorNamesTenantUsageAndLimitAndWhatToDo) {
   EXPECT_THAT(versions.message(), HasSubstr("delete versions"));
 }
 
+TEST(RefTableTest, QuotaLookupOverridesTheDefaultPerTenant) {
+  QuotaOptions quotas;
+  quotas.default_quota = Quota{1000, 5};
+  quotas.per_tenant["acme"] = Quota{500, 3};
+  quotas.lookup = [](const std::string& tenant) -> std::optional<Quota> {
+    if (tenant == "acme") return Quota{10, 0};  // bytes only: versions stay per_tenant's
+    if (tenant == "other") return Quota{0, 1};  // versions only: bytes stay default_quota's
+    return std::nullopt;
+  };
+  EXPECT_EQ(quotas.For("acme").max_bytes, 10);
+  EXPECT_EQ(quotas.For("acme").max_versions, 3);
+  EXPECT_EQ(quotas.For("other").max_bytes, 1000);
+  EXPECT_EQ(quotas.For("other").max_versions, 1);
+  EXPECT_EQ(quotas.For("nobody").max_bytes, 1000);
+  EXPECT_EQ(quotas.For("nobody").max_versions, 5);
+
+  RefTable table;
+  Add(table, "acme", "a", "123456", quotas);
+  absl::Status bytes = table.PlanAddVersion("acme", "a", D("12345"), 5, kTime, quotas, nullptr).status();
+  EXPECT_EQ(bytes.code(), Code::kResourceExhausted);
+  EXPECT_THAT(bytes.message(), HasSubstr("limit: 10"));
+  Add(table, "other", "a", "x", quotas);
+  absl::Status versions = table.PlanAddVersion("other", "b", D("y"), 1, kTime, quotas, nullptr).status();
+  EXPECT_EQ(versions.code(), Code::kResourceExhausted);
+  EXPECT_THAT(versions.message(), HasSubstr("usage: 1 versions, limit: 1"));
+}
+
+TEST(RefTableTest, QuotaLookupChangesTakeEffectOnTheNextPush) {
+  int64_t max_versions = 1;
+  QuotaOptions quotas;
+  quotas.lookup = [&max_versions](const std::string&) { return std::optional<Quota>(Quota{0, max_versions}); };
+  RefTable table;
+  EXPECT_EQ(Add(table, "acme", "a", "one", quotas), 1);
+  EXPECT_EQ(table.PlanAddVersion("acme", "a", D("two"), 3, kTime, quotas, nullptr).status().code(),
+            Code::kResourceExhausted);
+  max_versions = 2;
+  EXPECT_EQ(Add(table, "acme", "a", "two", quotas), 2);
+  max_versions = 0;  // "no override": the static settings (unlimited) apply again
+  EXPECT_EQ(Add(table, "acme", "a", "three", quotas), 3);
+}
+
+TEST(RefTableTest, EmptyLookupKeepsStaticQuotas) {
+  QuotaOptions quotas;
+  quotas.default_quota = Quota{1000, 5};
+  quotas.per_tenant["acme"] = Quota{500, 3};
+  EXPECT_EQ(quotas.For("acme").max_bytes, 500);
+  EXPECT_EQ(quotas.For("acme").max_versions, 3);
+  EXPECT_EQ(quotas.For("other").max_bytes, 1000);
+  quotas.lookup = [](const std::string&) { return std::optional<Quota>(); };  // nullopt: no opinion
+  EXPECT_EQ(quotas.For("acme").max_bytes, 500);
+  EXPECT_EQ(quotas.For("acme").max_versions, 3);
+  EXPECT_EQ(quotas.For("other").max_versions, 5);
+  quotas.lookup = [](const std::string&) { return std::optional<Quota>(Quota()); };  // all zero: no override
+  EXPECT_EQ(quotas.For("acme").max_bytes, 500);
+  EXPECT_EQ(quotas.For("other").max_versions, 5);
+}
+
 TEST(RefTableTest, ApplyRevalidatesAndLeavesTheTableUnchangedOnError) {
   RefTable table;
   Add(table, "acme", "a", "one");

@@ -5,7 +5,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
+#include <memory>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -537,6 +540,84 @@ TEST_P(StoreConformanceTest, EnforcesVersionQuota) {
 
   DS_ASSERT_OK(store().DeleteVersion("acme", "b", 1));
   EXPECT_EQ(Push("acme", "a", "three").version, 2);
+}
+
+TEST_P(StoreConformanceTest, QuotaLookupOverridesTheDefaultPerTenant) {
+  StoreConfig config;
+  config.quotas.default_quota.max_versions = 5;
+  config.quotas.per_tenant["other"].max_versions = 4;
+  config.quotas.lookup = [](const std::string& tenant) -> std::optional<Quota> {
+    if (tenant == "acme") return Quota{0, 1};   // a tighter version limit than the default
+    if (tenant == "small") return Quota{10, 0};  // bytes only: versions stay the default's
+    return std::nullopt;
+  };
+  Recreate(config);
+  Push("acme", "a", "one");
+  absl::StatusOr<VersionInfo> over = PushPack(store(), "acme", "b", "two");
+  ASSERT_EQ(over.status().code(), Code::kResourceExhausted) << over.status();
+  EXPECT_THAT(over.status().message(), HasSubstr("\"acme\""));
+  EXPECT_THAT(over.status().message(), HasSubstr("limit: 1"));
+
+  Push("small", "a", "12345678");
+  over = PushPack(store(), "small", "a", "123");
+  ASSERT_EQ(over.status().code(), Code::kResourceExhausted) << over.status();
+  EXPECT_THAT(over.status().message(), HasSubstr("limit: 10"));
+  Push("small", "a", "12");  // exactly the limit
+
+  // Tenants the lookup has no answer for keep the static settings.
+  for (int i = 0; i < 4; ++i) Push("other", "a", absl::StrCat("pack ", i));
+  over = PushPack(store(), "other", "a", "pack 4");
+  ASSERT_EQ(over.status().code(), Code::kResourceExhausted) << over.status();
+  EXPECT_THAT(over.status().message(), HasSubstr("limit: 4"));
+  for (int i = 0; i < 5; ++i) Push("nobody", "a", absl::StrCat("pack ", i));
+  DS_EXPECT_CODE(PushPack(store(), "nobody", "a", "pack 5"), Code::kResourceExhausted);
+}
+
+TEST_P(StoreConformanceTest, QuotaLookupChangesTakeEffectOnTheNextPush) {
+  // The value the lookup reads (as the server's tenants file, changed while the store runs).
+  auto max_bytes = std::make_shared<std::atomic<int64_t>>(10);
+  StoreConfig config;
+  config.quotas.lookup = [max_bytes](const std::string&) { return std::optional<Quota>(Quota{max_bytes->load(), 0}); };
+  Recreate(config);
+  Push("acme", "a", "12345678");
+  DS_EXPECT_CODE(PushPack(store(), "acme", "a", "123"), Code::kResourceExhausted);
+
+  max_bytes->store(11);
+  EXPECT_EQ(Push("acme", "a", "123").version, 2);
+  DS_EXPECT_CODE(PushPack(store(), "acme", "a", "4"), Code::kResourceExhausted);
+
+  max_bytes->store(0);  // no override: the static settings (unlimited) apply again
+  EXPECT_EQ(Push("acme", "a", Bytes(1000, 1)).version, 3);
+  if (can_reopen()) {
+    Reopen();  // the store asks again after a restart too
+    max_bytes->store(1020);
+    DS_EXPECT_CODE(PushPack(store(), "acme", "b", "more than ten bytes"), Code::kResourceExhausted);
+  }
+}
+
+TEST_P(StoreConformanceTest, EmptyLookupKeepsStaticQuotas) {
+  StoreConfig config;
+  config.quotas.default_quota.max_versions = 2;
+  config.quotas.per_tenant["small"].max_bytes = 10;
+  ASSERT_FALSE(config.quotas.lookup);
+  Recreate(config);
+  Push("acme", "a", "one");
+  Push("acme", "a", "two");
+  DS_EXPECT_CODE(PushPack(store(), "acme", "a", "three"), Code::kResourceExhausted);
+  Push("small", "a", "12345678");
+  DS_EXPECT_CODE(PushPack(store(), "small", "a", "123"), Code::kResourceExhausted);
+  Push("small", "a", "12");
+
+  // A lookup without an answer (nullopt, or a Quota of zeros) changes nothing either.
+  config.quotas.lookup = [](const std::string& tenant) {
+    return tenant == "acme" ? std::optional<Quota>(Quota()) : std::optional<Quota>();
+  };
+  Recreate(config);
+  Push("acme", "a", "one");
+  Push("acme", "a", "two");
+  DS_EXPECT_CODE(PushPack(store(), "acme", "a", "three"), Code::kResourceExhausted);
+  Push("small", "a", "12345678");
+  DS_EXPECT_CODE(PushPack(store(), "small", "a", "123"), Code::kResourceExhausted);
 }
 
 TEST_P(StoreConformanceTest, ReportsUsagePerTenant) {

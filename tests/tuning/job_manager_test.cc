@@ -4,6 +4,7 @@
 #include "server/tuning/job_manager.h"
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 
@@ -55,9 +56,12 @@ class JobManagerTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  void StartJobs(int per_tenant = 16) {
+  void StartJobs(int per_tenant = 16, int concurrent = 1,
+                 std::function<TenantJobLimits(const std::string&)> tenant_limits = nullptr) {
     JobManager::Options options;
     options.jobs_dir = dir_.string();
+    options.max_concurrent_jobs = concurrent;
+    options.tenant_limits = std::move(tenant_limits);
     options.max_queued_jobs_per_tenant = per_tenant;
     options.trainer.checkpoint_every_steps = 2;
     options.trainer.nice = 0;
@@ -65,10 +69,12 @@ class JobManagerTest : public ::testing::Test {
     ASSERT_TRUE(jobs_->Start().ok());
   }
 
-  pb::SubmitJobRequest Job(const std::string& task, int examples = 40, int epochs = 2) {
-    auto uploaded = jobs_->UploadDataset("", "", KeywordTsv(examples));
+  pb::SubmitJobRequest Job(const std::string& task, int examples = 40, int epochs = 2,
+                           const std::string& tenant = "") {
+    auto uploaded = jobs_->UploadDataset(tenant, "", KeywordTsv(examples));
     EXPECT_TRUE(uploaded.ok()) << uploaded.status();
     pb::SubmitJobRequest request;
+    request.set_tenant(tenant);
     pb::JobSpec* spec = request.mutable_spec();
     spec->set_task(task);
     spec->add_methods()->set_method("lora");
@@ -191,7 +197,8 @@ TEST_F(JobManagerTest, RequestIdStaysIdempotentAcrossARestart) {
   EXPECT_FALSE(again->second);
   EXPECT_EQ(again->first.id(), first->first.id());
   // The same id from another tenant is another job.
-  request.set_tenant("other");
+  request = Job("once", 40, 2, "other");
+  request.set_request_id("retry-me");
   auto theirs = jobs_->Submit(request);
   ASSERT_TRUE(theirs.ok()) << theirs.status();
   EXPECT_TRUE(theirs->second);
@@ -247,6 +254,21 @@ TEST_F(JobManagerTest, StoreQuotaFailsTheJobAfterTrainingAndRegistersNothing) {
   EXPECT_EQ(resolved.status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST_F(JobManagerTest, DatasetsOfAnotherTenantAreNotFound) {
+  StartJobs();
+  pb::SubmitJobRequest request = Job("mine");  // uploaded by the default tenant
+  request.set_tenant("other");
+  auto refused = jobs_->Submit(request);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("tenant \"other\" has no uploaded dataset"));
+  // The same bytes uploaded by that tenant too: now it is theirs as well.
+  ASSERT_TRUE(jobs_->UploadDataset("other", "", KeywordTsv(40)).ok());
+  auto accepted = jobs_->Submit(request);
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  ASSERT_TRUE(jobs_->Cancel("other", accepted->first.id()).ok());
+}
+
 TEST_F(JobManagerTest, RefusesJobsBeyondTheTenantLimit) {
   StartJobs(/*per_tenant=*/1);
   auto first = jobs_->Submit(Job("slow", 200, /*epochs=*/500));
@@ -256,14 +278,50 @@ TEST_F(JobManagerTest, RefusesJobsBeyondTheTenantLimit) {
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(second.status().message()), HasSubstr("cancel one"));
   // Another tenant is not affected.
-  pb::SubmitJobRequest other = Job("theirs");
-  other.set_tenant("other");
+  pb::SubmitJobRequest other = Job("theirs", 40, 2, "other");
   auto third = jobs_->Submit(other);
   ASSERT_TRUE(third.ok()) << third.status();
   ASSERT_TRUE(jobs_->Cancel("", first->first.id()).ok());
   EXPECT_EQ(WaitFinal(first->first.id()).state(), pb::JOB_STATE_CANCELLED);
   // With the slot free again, the tenant can submit.
   EXPECT_TRUE(jobs_->Submit(Job("next")).ok());
+}
+
+TEST_F(JobManagerTest, TenantLimitsOverrideTheServerWide) {
+  // acme: 2 jobs queued or running (the server allows 16), 1 running at once (the server runs 2).
+  StartJobs(/*per_tenant=*/16, /*concurrent=*/2, [](const std::string& tenant) {
+    return tenant == "acme" ? TenantJobLimits{2, 1} : TenantJobLimits{};
+  });
+  auto first = jobs_->Submit(Job("a1", 200, /*epochs=*/500, "acme"));
+  auto second = jobs_->Submit(Job("a2", 200, /*epochs=*/500, "acme"));
+  ASSERT_TRUE(first.ok() && second.ok()) << first.status() << second.status();
+  auto third = jobs_->Submit(Job("a3", 40, 2, "acme"));
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(third.status().message()), HasSubstr("the limit is 2"));
+  // Another tenant's job takes the second worker although acme's second job was queued first.
+  auto other = jobs_->Submit(Job("o1", 200, /*epochs=*/500, "other"));
+  ASSERT_TRUE(other.ok()) << other.status();
+  pb::Job other_job;
+  for (int i = 0; i < 500; ++i) {
+    other_job = *jobs_->Get("other", other->first.id());
+    if (other_job.state() == pb::JOB_STATE_RUNNING) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(other_job.state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(jobs_->Get("acme", first->first.id())->state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(jobs_->Get("acme", second->first.id())->state(), pb::JOB_STATE_QUEUED);
+  // When acme's running job ends, its queued one starts.
+  ASSERT_TRUE(jobs_->Cancel("acme", first->first.id()).ok());
+  ASSERT_TRUE(jobs_->Cancel("other", other->first.id()).ok());
+  pb::Job next;
+  for (int i = 0; i < 1000; ++i) {
+    next = *jobs_->Get("acme", second->first.id());
+    if (next.state() == pb::JOB_STATE_RUNNING) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(next.state(), pb::JOB_STATE_RUNNING);
+  ASSERT_TRUE(jobs_->Cancel("acme", second->first.id()).ok());
 }
 
 }  // namespace
