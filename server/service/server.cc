@@ -2,12 +2,15 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "openssl/pem.h"
+#include "openssl/x509.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "server/common/file_util.h"
@@ -74,6 +77,32 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view w
   return text;
 }
 
+// OK when `key_pem` is the private key of the first certificate of `cert_pem`; INVALID_ARGUMENT naming the files
+// otherwise (gRPC would only fail later, at bind time or at the first handshake, without saying why).
+absl::Status CheckKeyMatchesCertificate(const std::string& cert_pem, const std::string& key_pem,
+                                        const std::string& cert_path, const std::string& key_path) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> cert_bio(BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size())),
+                                                     &BIO_free);
+  std::unique_ptr<BIO, decltype(&BIO_free)> key_bio(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())),
+                                                    &BIO_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      cert_bio ? PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr) : nullptr, &X509_free);
+  if (cert == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("TLS certificate ", cert_path, " holds no PEM certificate"));
+  }
+  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
+      key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr) : nullptr, &EVP_PKEY_free);
+  if (key == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TLS key ", key_path, " holds no (unencrypted) PEM private key"));
+  }
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TLS key ", key_path, " does not match the certificate ", cert_path));
+  }
+  return absl::OkStatus();
+}
+
 // The gRPC port's credentials: plaintext, TLS, or TLS verifying client certificates.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const DeltaServer::Options::Security& s) {
   if (s.tls_cert_file.empty() != s.tls_key_file.empty()) {
@@ -96,6 +125,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
   DS_ASSIGN_OR_RETURN(pair.private_key, ReadPem(s.tls_key_file, "TLS key"));
   DS_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(s.tls_cert_file, "TLS certificate"));
+  DS_RETURN_IF_ERROR(
+      CheckKeyMatchesCertificate(pair.cert_chain, pair.private_key, s.tls_cert_file, s.tls_key_file));
   ssl.pem_key_cert_pairs.push_back(std::move(pair));
   if (!s.tls_client_ca_file.empty()) {
     DS_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(s.tls_client_ca_file, "client CA"));
@@ -110,18 +141,8 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->options_ = options;
   server->metrics_ = std::make_unique<metrics::ServerMetrics>();
 
-  const absl::Time load_start = absl::Now();
-  DS_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::LoadModel(options.model_dir, options.model));
-  const double load_seconds = absl::ToDoubleSeconds(absl::Now() - load_start);
-  server->model_ = std::move(model);
-  const model::ModelInfo& info = server->model_->info();
-  DS_LOG(INFO) << "loaded " << info.family << " model '" << info.name << "' from " << options.model_dir << " ("
-               << info.num_parameters << " parameters, " << info.dtype << " on " << info.device << ") in "
-               << load_seconds << " s";
-  server->metrics_->SetModelLoadSeconds(load_seconds);
-  server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
-
-  // Who may call: the audit log first (the authenticator records token changes in it), then the tenants file.
+  // Who may call, checked before the model loads so that bad flags fail fast: the audit log first (the
+  // authenticator records token changes in it), then the tenants file.
   const Options::Security& security = options.security;
   DS_ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials, ServerCredentials(security));
   if (!security.audit_log.empty()) {
@@ -146,6 +167,17 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->limiter_ = std::make_unique<auth::RequestLimiter>(auth::RequestLimiter::Options{});
   server->call_security_ = std::make_unique<CallSecurity>(server->authenticator_.get(), server->limiter_.get(),
                                                           server->audit_.get());
+
+  const absl::Time load_start = absl::Now();
+  DS_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::LoadModel(options.model_dir, options.model));
+  const double load_seconds = absl::ToDoubleSeconds(absl::Now() - load_start);
+  server->model_ = std::move(model);
+  const model::ModelInfo& info = server->model_->info();
+  DS_LOG(INFO) << "loaded " << info.family << " model '" << info.name << "' from " << options.model_dir << " ("
+               << info.num_parameters << " parameters, " << info.dtype << " on " << info.device << ") in "
+               << load_seconds << " s";
+  server->metrics_->SetModelLoadSeconds(load_seconds);
+  server->metrics_->SetModelInfo(info.family, info.dtype, info.device, options.blas, info.num_parameters);
 
   // Per-tenant store quotas from the tenants file (asked at every push; the file's values override the flags').
   Options store_options = options;

@@ -68,6 +68,9 @@ ABSL_FLAG(int, threads, 0, "Intra-op threads of the training (0 = every core).")
 ABSL_FLAG(std::string, clock, "wall",
           "wall, or cpu: the process's CPU time, steadier on a shared machine but only meaningful with --threads=1 "
           "(idle OpenMP threads spin).");
+ABSL_FLAG(int64_t, micro_batch_tokens, 0,
+          "Micro-batch size of a step in padded tokens (the server's default is 256; 0 = whole batches, as the P7 "
+          "figures in docs/BENCHMARKS.md were measured).");
 ABSL_FLAG(bool, breakdown, false, "Also time the parts of a step (forward, backward, clip, optimizer).");
 ABSL_FLAG(double, delta_lr, 1e-3, "Learning rate of the delta methods.");
 ABSL_FLAG(double, full_lr, 2e-5, "Learning rate of full fine-tuning.");
@@ -287,6 +290,7 @@ std::vector<MethodResult> MeasureSteps(const ds::model::Model& model, const std:
   options.checkpoint_every_steps = 0;
   options.threads = absl::GetFlag(FLAGS_threads);
   options.nice = 0;
+  options.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
   const tuning::Trainer trainer(model, options);
   std::vector<MethodResult> results(static_cast<size_t>(n));
   Baton baton(n);

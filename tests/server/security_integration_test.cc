@@ -620,6 +620,21 @@ TEST_F(TlsIntegrationTest, RequiredClientCertificatesRefuseTokenOnlyClients) {
   EXPECT_TRUE(Client("", Tls(true))->ListDeltas(pb::ListDeltasRequest()).ok());
 }
 
+TEST_F(TlsIntegrationTest, ClientRefusesUnreadableTlsFiles) {
+  client::DeltaserveClient::Options options;
+  options.tls_ca_file = dir_ + "/missing-ca.pem";
+  auto created = client::DeltaserveClient::Create(options);
+  EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(created.status().message()), HasSubstr("missing-ca.pem cannot be read"));
+  options.tls_ca_file = certs_.ca_cert;
+  options.tls_cert_file = certs_.client_cert;  // without its key
+  EXPECT_EQ(client::DeltaserveClient::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+  testing::CommandResult ls =
+      testing::RunCommand({testing::DeltactlBinary(), "ls", "--tls_ca=" + dir_ + "/missing-ca.pem"});
+  EXPECT_EQ(ls.exit_code, 2);
+  EXPECT_THAT(ls.err, HasSubstr("missing-ca.pem cannot be read"));
+}
+
 TEST_F(TlsIntegrationTest, BadTlsSettingsStopTheServerWithAClearMessage) {
   struct Case {
     std::vector<std::string> flags;
@@ -630,6 +645,7 @@ TEST_F(TlsIntegrationTest, BadTlsSettingsStopTheServerWithAClearMessage) {
       {{"--tls_cert=" + dir_ + "/missing.pem", "--tls_key=" + certs_.server_key}, "missing.pem cannot be read"},
       {{"--tls_cert=" + tenants_file_, "--tls_key=" + certs_.server_key}, "is not a PEM file"},
       {{"--tls_client_ca=" + certs_.ca_cert}, "need TLS"},
+      {{"--tls_cert=" + certs_.server_cert, "--tls_key=" + certs_.client_key}, "does not match the certificate"},
       {{"--tls_cert=" + certs_.server_cert, "--tls_key=" + certs_.server_key, "--tls_require_client_cert"},
        "needs --tls_client_ca"},
       {{"--tenants_file=" + dir_ + "/no-such-tenants.json"}, "no-such-tenants.json"},
