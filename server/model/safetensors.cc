@@ -425,7 +425,7 @@ absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, at:
                                                      c10::toString(tensor.scalar_type()),
                                                      "; only F32, F16, BF16, I64, I32 can be written"));
     }
-    DS_ASSIGN_OR_RETURN(at::Tensor cpu, TorchCall([&] { return tensor.cpu().contiguous(); },
+    DS_ASSIGN_OR_RETURN(at::Tensor cpu, TorchCall([&t = tensor] { return t.cpu().contiguous(); },
                                                   absl::StrCat("safetensors: contiguous CPU copy of ", Quote(name))));
     const uint64_t nbytes = cpu.nbytes();
     prepared.push_back(Prepared{&name, *dtype, std::move(cpu), nbytes});
