@@ -93,6 +93,7 @@ constexpr char kUsage[] =
     "  deltactl tune watch JOB | get JOB | cancel JOB | ls [--state=running]\n"
     "  deltactl admin --tenants_file=F tenant add|rm|ls|quota ... | token create|revoke|ls ...\n"
     "           (edits the server's tenants file: tenants, quotas, API tokens; needs no server)\n"
+    "  with authentication: --token=dst_... (or $DELTASERVE_TOKEN); with TLS: --tls_ca=CA.pem [--tls_cert --tls_key]\n"
     "  store commands and prefetch print text; add --json for scripts\n";
 
 int Fail(const absl::Status& status) {
