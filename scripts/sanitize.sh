@@ -17,10 +17,11 @@
 #   cmake -S . -B /tmp/absl-tsan-build -DCMAKE_CXX_STANDARD=17 -DABSL_PROPAGATE_CXX_STD=ON -DBUILD_SHARED_LIBS=ON \
 #     -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" -DCMAKE_INSTALL_PREFIX=/opt/absl-tsan
 #   cmake --build /tmp/absl-tsan-build && cmake --install /tmp/absl-tsan-build
-# Debian's gRPC and protobuf link Debian's Abseil, and two Abseils in one process do not mix, so the tsan run covers
-# the test binaries that link neither gRPC nor LibTorch — the concurrent logic: tenants and tokens, the
-# authenticator's reload thread, the request limiter, the audit log, the delta store (memory, filesystem, faults),
-# the batcher and scheduler, the delta cache, dataset parsing (TSAN_TARGETS overrides the list).
+# Debian's gRPC links Debian's Abseil, and two Abseils in one process do not mix, so the tsan run covers the test
+# binaries that do not link gRPC: tenants and tokens, the authenticator's reload thread, the request limiter, the
+# audit log, the delta store (memory, filesystem, faults), the batcher and scheduler, the delta cache, datasets,
+# metrics, the inference engine's batch runner with deltas, the trainer (yield to serving, cancel) and the job
+# manager's workers (TSAN_TARGETS overrides the list). LibTorch and libgomp stay uninstrumented (OMP_NUM_THREADS=1).
 #
 # Environment: BUILD_DIR, JOBS (nproc), CTEST_TIMEOUT (1800 s per test: everything is 2-15x slower).
 set -euo pipefail
@@ -43,7 +44,10 @@ case "$KIND" in
     FLAGS="-fsanitize=thread -fno-omit-frame-pointer"
     TSAN_TARGETS=${TSAN_TARGETS:-"tenants_test authenticator_test request_limiter_test audit_log_test ref_table_test
       store_names_test memory_store_test fault_store_test fs_store_test batcher_test scheduler_test delta_cache_test
-      dataset_test"}
+      dataset_test metrics_test scheduler_metrics_test inference_engine_test engine_delta_test trainer_test
+      job_manager_test"}
+    # LibTorch's OpenMP regions run in Debian's libgomp, which TSan cannot see into: one thread per op.
+    export OMP_NUM_THREADS=1
     ;;
   *)
     echo "usage: bash scripts/sanitize.sh asan|tsan [ctest arguments...]" >&2
