@@ -1,10 +1,8 @@
 // The tenants file (tenants.h): parsing with validation, canonical serialization, atomic writes, API tokens.
 #include "server/auth/tenants.h"
 
-#include <fcntl.h>
 #include <openssl/rand.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -301,13 +299,6 @@ Json QuotaNumber(double value) {
   return value;
 }
 
-absl::Status SysError(absl::string_view what, const std::string& path, int error) {
-  const std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(error));
-  if (error == EACCES || error == EPERM || error == EROFS) return absl::PermissionDeniedError(message);
-  if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(message);
-  return absl::InternalError(message);
-}
-
 }  // namespace
 
 TenantQuota TenantsFile::QuotaOf(const std::string& tenant) const {
@@ -387,44 +378,7 @@ absl::StatusOr<TenantsFile> ReadTenantsFile(const std::string& path) {
 }
 
 absl::Status WriteTenantsFile(const std::string& path, const TenantsFile& file) {
-  const std::string text = SerializeTenantsFile(file);
-  // A unique temporary file in the same directory (so the rename is atomic), created with mode 0600.
-  std::string tmp = path + ".tmp.XXXXXX";
-  const int fd = ::mkstemp(tmp.data());
-  if (fd < 0) return SysError("cannot create a temporary file next to", path, errno);
-  auto fail = [&](absl::string_view what, int error) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return SysError(what, tmp, error);
-  };
-  if (::fchmod(fd, 0600) != 0) return fail("cannot set the mode of", errno);
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail("cannot write", n < 0 ? errno : EIO);
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) return fail("cannot flush", errno);
-  if (::close(fd) != 0) {
-    const int error = errno;
-    ::unlink(tmp.c_str());
-    return SysError("cannot close", tmp, error);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int error = errno;
-    ::unlink(tmp.c_str());
-    return SysError(absl::StrCat("cannot rename ", tmp, " to"), path, error);
-  }
-  // The rename is durable once the directory is.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
-  return absl::OkStatus();
+  return WriteFileAtomically(path, SerializeTenantsFile(file), 0600);
 }
 
 absl::StatusOr<NewToken> GenerateToken(absl::string_view description, absl::Time now) {

@@ -45,10 +45,17 @@ absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path) {
   return j;
 }
 
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view data) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view data, mode_t mode) {
+  // A temporary file of its own (two writers never share one), created 0600 and given `mode` before any byte.
+  std::string tmp = path + ".tmp.XXXXXX";
+  const int fd = ::mkostemp(tmp.data(), O_CLOEXEC);
   if (fd < 0) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp, ": ", std::strerror(errno)));
+  if (::fchmod(fd, mode) != 0) {
+    const std::string error = std::strerror(errno);
+    ::close(fd);
+    std::remove(tmp.c_str());
+    return absl::PermissionDeniedError(absl::StrCat("cannot set the mode of ", tmp, ": ", error));
+  }
   size_t done = 0;
   while (done < data.size()) {
     const ssize_t n = ::write(fd, data.data() + done, data.size() - done);

@@ -4,6 +4,8 @@
 #ifndef DELTASERVE_SERVER_COMMON_FILE_UTIL_H_
 #define DELTASERVE_SERVER_COMMON_FILE_UTIL_H_
 
+#include <sys/types.h>
+
 #include <string>
 
 #include "absl/status/status.h"
@@ -25,9 +27,10 @@ absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
 // Same, and the value must be an object: INVALID_ARGUMENT "<path> is not a JSON object" otherwise.
 absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path);
 
-// Writes `data` to "<path>.tmp", fsyncs it, renames it over `path` and fsyncs the directory, so readers (and a
-// machine that loses power) see the old or the new file, never a partial one. Errors name the path and the system error.
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view data);
+// Writes `data` to a fresh "<path>.tmp.XXXXXX" with permissions `mode`, fsyncs it, renames it over `path` and
+// fsyncs the directory, so readers (and a machine that loses power) see the old or the new file, never a partial
+// one, and concurrent writers never share a temporary file. Errors name the path and the system error.
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view data, mode_t mode = 0644);
 
 }  // namespace deltaserve
 
