@@ -75,7 +75,7 @@ namespace {
 
 constexpr char kUsage[] =
     "the deltaserve command-line client.\n"
-    "  deltactl [--server=HOST:PORT] health\n"
+    "  deltactl [--server=HOST:PORT] health [liveness|readiness|SERVICE]   (exit 0 when SERVING)\n"
     "  deltactl [--server=HOST:PORT] info\n"
     "  deltactl [--server=HOST:PORT] embed [--task=T | --digest=sha256:...] [--tokens] [--ids]\n"
     "           [--truncation=truncate|error] [TEXT ...]\n"
@@ -103,10 +103,12 @@ int Fail(const absl::Status& status) {
 
 void Print(const nlohmann::json& j) { std::cout << (absl::GetFlag(FLAGS_pretty) ? j.dump(2) : j.dump()) << "\n"; }
 
-int Health(deltaserve::client::DeltaserveClient& client) {
-  auto status = client.Health();
+// Exits 0 when SERVING: usable as an exec probe. `service` "" = the whole server; "liveness", "readiness" or a
+// deltaserve.v1 service name.
+int Health(deltaserve::client::DeltaserveClient& client, const std::string& service) {
+  auto status = client.Health(service);
   if (!status.ok()) return Fail(status.status());
-  Print({{"status", *status}});
+  Print(service.empty() ? nlohmann::json{{"status", *status}} : nlohmann::json{{"service", service}, {"status", *status}});
   return *status == "SERVING" ? 0 : 1;
 }
 
@@ -553,7 +555,7 @@ int main(int argc, char** argv) {
   }
   deltaserve::client::DeltaserveClient& client = **created;
   const std::string command = args[1];
-  if (command == "health") return Health(client);
+  if (command == "health") return Health(client, args.size() > 2 ? args[2] : "");
   if (command == "info") return Info(client);
   if (command == "embed") return Embed(client, std::vector<std::string>(args.begin() + 2, args.end()));
   const std::vector<std::string> rest(args.begin() + 2, args.end());

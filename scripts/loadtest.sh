@@ -34,7 +34,7 @@ for _ in $(seq 1 600); do
   kill -0 "$SERVER_PID" 2>/dev/null || { echo "loadtest.sh: the server did not start:" >&2; cat "$WORK/server.log" >&2; exit 1; }
   sleep 0.2
 done
-read -r GRPC_PORT METRICS_PORT < "$WORK/ports"
+read -r GRPC_PORT METRICS_PORT _ < "$WORK/ports"
 echo "loadtest.sh: deltaserve on 127.0.0.1:$GRPC_PORT (metrics :$METRICS_PORT), flags: ${SERVER_FLAGS:-none}" >&2
 "$BUILD_DIR/client/deltaserve-loadgen" --server="127.0.0.1:$GRPC_PORT" --metrics="127.0.0.1:$METRICS_PORT" \
   --model_dir="$MODEL_DIR" "$@"

@@ -90,7 +90,7 @@ for _ in $(seq 1 600); do
   kill -0 "$SERVER_PID" 2>/dev/null || { echo "p8.sh: the server did not start:" >&2; cat "$WORK/server.log" >&2; exit 1; }
   sleep 0.2
 done
-read -r GRPC_PORT METRICS_PORT < "$WORK/ports"
+read -r GRPC_PORT METRICS_PORT _ < "$WORK/ports"
 SERVER=127.0.0.1:$GRPC_PORT
 log "deltaserve on $SERVER (metrics :$METRICS_PORT); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 

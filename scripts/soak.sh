@@ -42,7 +42,7 @@ for _ in $(seq 1 600); do
   kill -0 "$SERVER_PID" 2>/dev/null || { echo "soak.sh: the server did not start" >&2; cat "$OUT/server.log" >&2; exit 1; }
   sleep 0.2
 done
-read -r GRPC_PORT METRICS_PORT < "$WORK/ports"
+read -r GRPC_PORT METRICS_PORT _ < "$WORK/ports"
 SERVER=127.0.0.1:$GRPC_PORT
 LG=("$BUILD_DIR/client/deltaserve-loadgen" --server="$SERVER" --metrics="127.0.0.1:$METRICS_PORT"
     --model_dir="$MODEL_DIR" --tasks="$TASKS" --methods=mixed --zipf_s=1 --json)

@@ -107,9 +107,18 @@ ABSL_FLAG(bool, truncate, true,
           "A request can override it.");
 ABSL_FLAG(int, max_message_bytes, 16 << 20, "Largest gRPC request accepted, in bytes.");
 ABSL_FLAG(std::string, port_file, "",
-          "If set, write \"<grpc port> <metrics port>\" to this file once serving (for tests and scripts that "
+          "If set, write \"<grpc port> <metrics port> <health port (0: none)>\" to this file once serving (for tests and scripts that "
           "start the server on port 0).");
-ABSL_FLAG(double, drain_seconds, 30, "On SIGTERM/SIGINT: how long in-flight calls may take to finish.");
+ABSL_FLAG(std::string, health_listen, "",
+          "A second, plaintext gRPC port serving only grpc.health.v1 (host:port; \"\" = none). It is up before the "
+          "model loads: service 'liveness' is SERVING while the process runs, '' and 'readiness' once it is ready "
+          "for calls and until it drains (for Kubernetes' gRPC probes, which cannot use TLS).");
+ABSL_FLAG(double, drain_delay_s, 0,
+          "On SIGTERM/SIGINT: readiness turns NOT_SERVING at once, then calls are still accepted for this many "
+          "seconds (so load balancers notice) before the server stops accepting them. SIGUSR1 starts draining "
+          "without stopping (a Kubernetes preStop hook).");
+ABSL_FLAG(double, drain_seconds, 30,
+          "On SIGTERM/SIGINT, after --drain_delay_s: how long in-flight calls may take to finish.");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("deltaserve: multi-tenant delta serving on one frozen model. See README.md.");
@@ -120,16 +129,26 @@ int main(int argc, char** argv) {
     return 2;
   }
   deltaserve::ConfigureAllocator();
-  // Block SIGTERM/SIGINT in every thread; one thread waits for them with sigwait.
+  const double drain_delay_s = absl::GetFlag(FLAGS_drain_delay_s);
+  const double drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  if (!(drain_delay_s >= 0) || !(drain_seconds >= 0)) {
+    std::fprintf(stderr, "deltaserve: --drain_delay_s and --drain_seconds must be >= 0 (got %g and %g)\n",
+                 drain_delay_s, drain_seconds);
+    return 2;
+  }
+  // Block SIGTERM/SIGINT/SIGUSR1 in every thread (from the start, so that one sent while the model loads waits);
+  // one thread waits for them with sigwait.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGUSR1);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   deltaserve::service::DeltaServer::Options options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.health_listen_address = absl::GetFlag(FLAGS_health_listen);
   options.security.tenants_file = absl::GetFlag(FLAGS_tenants_file);
   options.security.tenants_reload_interval = absl::Seconds(absl::GetFlag(FLAGS_tenants_reload_s));
   options.security.audit_log = absl::GetFlag(FLAGS_audit_log);
@@ -191,7 +210,6 @@ int main(int argc, char** argv) {
   options.blas = deltaserve::LoadedBlas();
   DS_LOG(INFO) << "deltaserve " << deltaserve::kDeltaserveVersion << " (LibTorch " << deltaserve::TorchVersion()
                << ", BLAS " << options.blas << ", " << options.intra_op_threads << " intra-op threads)";
-  DS_LOG(WARNING) << "authentication is OFF: every caller is trusted (local use only)";
 
   auto server = deltaserve::service::DeltaServer::Start(options);
   if (!server.ok()) {
@@ -201,18 +219,29 @@ int main(int argc, char** argv) {
   if (const std::string port_file = absl::GetFlag(FLAGS_port_file); !port_file.empty()) {
     const std::string tmp = port_file + ".tmp";
     if (std::FILE* f = std::fopen(tmp.c_str(), "w")) {
-      std::fprintf(f, "%d %d\n", (*server)->port(), (*server)->metrics_port());
+      std::fprintf(f, "%d %d %d\n", (*server)->port(), (*server)->metrics_port(), (*server)->health_port());
       std::fclose(f);
       std::rename(tmp.c_str(), port_file.c_str());
     } else {
       DS_LOG(ERROR) << "cannot write --port_file " << port_file;
     }
   }
-  std::thread signal_thread([&signals, s = server->get()] {
+  std::thread signal_thread([&signals, s = server->get(), drain_delay_s, drain_seconds] {
     int sig = 0;
-    sigwait(&signals, &sig);
+    while (sigwait(&signals, &sig) == 0 && sig == SIGUSR1) {
+      DS_LOG(INFO) << "received SIGUSR1";
+      s->BeginDrain();
+    }
     DS_LOG(INFO) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << "; draining";
-    s->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+    s->BeginDrain();
+    // Still serving for --drain_delay_s (a second SIGTERM/SIGINT cuts it short).
+    const absl::Time delay_end = absl::Now() + absl::Seconds(drain_delay_s);
+    for (absl::Duration left = delay_end - absl::Now(); left > absl::ZeroDuration(); left = delay_end - absl::Now()) {
+      const timespec timeout = absl::ToTimespec(left);
+      const int got = sigtimedwait(&signals, nullptr, &timeout);
+      if (got == SIGTERM || got == SIGINT) break;
+    }
+    s->Shutdown(absl::Seconds(drain_seconds));
   });
   (*server)->Wait();
   signal_thread.join();

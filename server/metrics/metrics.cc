@@ -379,6 +379,54 @@ void ServerMetrics::OnRequestRejected(const std::string& tenant, batching::Rejec
   scheduler_->rejected.Add({{"reason", batching::RejectReasonName(reason)}}).Increment();
 }
 
+struct ServerMetrics::StoreSeries {
+  explicit StoreSeries(prometheus::Registry& registry)
+      : operations(prometheus::BuildCounter()
+                       .Name("deltaserve_store_operations_total")
+                       .Help("Delta store operations, by operation and outcome (a status code name; UNAVAILABLE, "
+                             "INTERNAL, DATA_LOSS, DEADLINE_EXCEEDED, UNKNOWN are the store's own failures).")
+                       .Register(registry)),
+        duration(prometheus::BuildHistogram()
+                     .Name("deltaserve_store_operation_duration_seconds")
+                     .Help("Time one delta store operation takes, by operation (a shared store's include the "
+                           "registry's round trips).")
+                     .Register(registry)),
+        ready(prometheus::BuildGauge()
+                  .Name("deltaserve_ready")
+                  .Help("1 while the server is ready for calls (model loaded, not draining), else 0.")
+                  .Register(registry)
+                  .Add({})) {
+    for (int i = 0; i < store::kNumStoreOps; ++i) {
+      const char* op = store::StoreOpName(static_cast<store::StoreOp>(i));
+      ok[i] = &operations.Add({{"op", op}, {"code", "OK"}});
+      seconds[i] = &duration.Add({{"op", op}}, LatencyBuckets());
+    }
+  }
+  prometheus::Family<prometheus::Counter>& operations;
+  prometheus::Family<prometheus::Histogram>& duration;
+  prometheus::Gauge& ready;
+  // By static_cast<int>(StoreOp): the OK counters (the common case, looked up once) and the histograms.
+  std::array<prometheus::Counter*, store::kNumStoreOps> ok{};
+  std::array<prometheus::Histogram*, store::kNumStoreOps> seconds{};
+};
+
+std::shared_ptr<ServerMetrics::StoreSeries> ServerMetrics::MakeStoreSeries(prometheus::Registry& registry) {
+  return std::make_shared<StoreSeries>(registry);
+}
+
+void ServerMetrics::OnStoreOperation(store::StoreOp op, absl::StatusCode code, absl::Duration latency) {
+  const int i = static_cast<int>(op);
+  if (i < 0 || i >= store::kNumStoreOps) return;
+  if (code == absl::StatusCode::kOk) {
+    store_->ok[i]->Increment();
+  } else {
+    store_->operations.Add({{"op", store::StoreOpName(op)}, {"code", absl::StatusCodeToString(code)}}).Increment();
+  }
+  store_->seconds[i]->Observe(absl::ToDoubleSeconds(latency));
+}
+
+void ServerMetrics::SetReady(bool ready) { store_->ready.Set(ready ? 1 : 0); }
+
 std::string ServerMetrics::Serialize() const {
   std::ostringstream out;
   prometheus::TextSerializer().Serialize(out, registry_->Collect());

@@ -19,6 +19,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/batching/batcher.h"
+#include "delta_store/observed_store.h"
 #include "server/deltas/delta_cache.h"
 #include "server/tuning/job_observer.h"
 
@@ -27,7 +28,8 @@ namespace metrics {
 
 class ServerMetrics : public batching::BatcherObserver,
                       public deltas::DeltaCacheObserver,
-                      public tuning::JobObserver {
+                      public tuning::JobObserver,
+                      public store::StoreObserver {
  public:
   ServerMetrics();
   ~ServerMetrics() override = default;
@@ -77,6 +79,13 @@ class ServerMetrics : public batching::BatcherObserver,
   void OnJobCounts(int64_t queued, int64_t running) override;
   void OnTrainingStep(int64_t examples, absl::Duration duration) override;
 
+  // StoreObserver: deltaserve_store_operations_total{op,code} (op: store::StoreOpName; code: the status code
+  // name) and deltaserve_store_operation_duration_seconds{op}.
+  void OnStoreOperation(store::StoreOp op, absl::StatusCode code, absl::Duration latency) override;
+
+  // deltaserve_ready: 1 while the server is ready for calls (model loaded, not draining), else 0.
+  void SetReady(bool ready);
+
   // The text exposition format (version 0.0.4) of every metric.
   std::string Serialize() const;
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
@@ -122,6 +131,10 @@ class ServerMetrics : public batching::BatcherObserver,
   struct TuningSeries;
   static std::shared_ptr<TuningSeries> MakeTuningSeries(prometheus::Registry& registry);
   std::shared_ptr<TuningSeries> tuning_ = MakeTuningSeries(*registry_);
+  // The store's and the lifecycle's metrics (metrics.cc).
+  struct StoreSeries;
+  static std::shared_ptr<StoreSeries> MakeStoreSeries(prometheus::Registry& registry);
+  std::shared_ptr<StoreSeries> store_ = MakeStoreSeries(*registry_);
 };
 
 }  // namespace metrics

@@ -21,6 +21,7 @@
 #include "server/model/model_loader.h"
 #include "delta_store/caching_store.h"
 #include "delta_store/memory_store.h"
+#include "delta_store/observed_store.h"
 #include "server/service/call_security.h"
 #include "server/service/delta_service.h"
 #include "server/service/tuning_service.h"
@@ -168,6 +169,25 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
   server->call_security_ = std::make_unique<CallSecurity>(server->authenticator_.get(), server->limiter_.get(),
                                                           server->audit_.get());
 
+  // The health-only port comes up before the model loads: alive, not ready.
+  grpc::EnableDefaultHealthCheckService(true);
+  if (!options.health_listen_address.empty()) {
+    grpc::ServerBuilder health_builder;
+    health_builder.AddListeningPort(options.health_listen_address, grpc::InsecureServerCredentials(),
+                                    &server->health_port_);
+    server->health_server_ = health_builder.BuildAndStart();
+    if (server->health_server_ == nullptr || server->health_port_ == 0) {
+      server->health_server_.reset();
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", options.health_listen_address,
+                                                 " for health checks (--health_listen: in use, or not a valid "
+                                                 "host:port)"));
+    }
+    server->SetReadiness(false);
+    DS_LOG(INFO) << "health checks (grpc.health.v1, plaintext) on " << options.health_listen_address << " (port "
+                 << server->health_port_ << "): '" << kLivenessService << "' SERVING, '" << kReadinessService
+                 << "' NOT_SERVING until the model is loaded";
+  }
+
   const absl::Time load_start = absl::Now();
   DS_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::LoadModel(options.model_dir, options.model));
   const double load_seconds = absl::ToDoubleSeconds(absl::Now() - load_start);
@@ -187,7 +207,8 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
     if (!q.has_value()) return std::nullopt;
     return store::Quota{q->store_bytes, q->max_packs};
   };
-  DS_ASSIGN_OR_RETURN(server->store_, OpenStore(store_options));
+  DS_ASSIGN_OR_RETURN(std::unique_ptr<store::DeltaStore> opened, OpenStore(store_options));
+  server->store_ = store::NewObservedStore(std::move(opened), server->metrics_.get());
   deltas::DeltaManager::Options delta_options = options.deltas;
   delta_options.limits.max_bytes = std::min(delta_options.limits.max_bytes, options.store.max_blob_bytes);
   delta_options.cache_observer = server->metrics_.get();
@@ -216,7 +237,6 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
       std::make_unique<InferenceServiceImpl>(server->engine_.get(), server->metrics_.get(), facts,
                                              server->deltas_.get(), server->call_security_.get());
 
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, credentials, &server->port_);
@@ -262,10 +282,7 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
         [m = server->metrics_.get()] { return m->Serialize(); });
     DS_RETURN_IF_ERROR(server->metrics_http_->Start());
   }
-  server->server_->GetHealthCheckService()->SetServingStatus(true);
-  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.InferenceService", true);
-  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.DeltaService", true);
-  server->server_->GetHealthCheckService()->SetServingStatus("deltaserve.v1.TuningService", true);
+  server->SetReadiness(true);
   DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_
                << (security.tls_cert_file.empty() ? ", plaintext" : ", TLS") << ")"
                << (server->metrics_http_ ? absl::StrCat(", metrics on ",
@@ -280,14 +297,45 @@ DeltaServer::~DeltaServer() { Shutdown(absl::ZeroDuration()); }
 
 int DeltaServer::metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
 
+void DeltaServer::SetReadiness(bool ready) {
+  for (grpc::Server* s : {server_.get(), health_server_.get()}) {
+    if (s == nullptr) continue;
+    grpc::HealthCheckServiceInterface* health = s->GetHealthCheckService();
+    if (health == nullptr) continue;
+    health->SetServingStatus(ready);  // "" and every name set so far (liveness is set again below)
+    health->SetServingStatus(kReadinessService, ready);
+    for (const char* name : {"deltaserve.v1.InferenceService", "deltaserve.v1.DeltaService",
+                             "deltaserve.v1.TuningService"}) {
+      health->SetServingStatus(name, ready);
+    }
+    health->SetServingStatus(kLivenessService, true);
+  }
+  metrics_->SetReady(ready);
+}
+
+void DeltaServer::BeginDrain() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) return;
+    draining_ = true;
+  }
+  SetReadiness(false);
+  DS_LOG(INFO) << "draining: readiness NOT_SERVING, calls are still served";
+}
+
+bool DeltaServer::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
 void DeltaServer::Shutdown(absl::Duration drain) {
   {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
   }
+  BeginDrain();
   if (server_) {
-    server_->GetHealthCheckService()->SetServingStatus(false);
     // Stops accepting new calls and waits up to `drain` for in-flight ones, then cancels what is left.
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::microseconds(absl::ToInt64Microseconds(drain)));
@@ -297,6 +345,12 @@ void DeltaServer::Shutdown(absl::Duration drain) {
   if (server_) server_->Wait();
   // Interrupts a running job at its next step; it resumes from its checkpoint at the next start.
   jobs_.reset();
+  if (health_server_) {
+    // Last: liveness stays SERVING until everything else has stopped.
+    health_server_->GetHealthCheckService()->SetServingStatus(false);
+    health_server_->Shutdown(std::chrono::system_clock::now());
+    health_server_->Wait();
+  }
   DS_LOG(INFO) << "server stopped";
   absl::MutexLock lock(&mu_);
   stopped_ = true;

@@ -54,6 +54,11 @@ class DeltaServer {
   struct Options {
     // gRPC listen address, "host:port"; port 0 picks a free port (see port()).
     std::string listen_address = "127.0.0.1:50051";
+    // A second, always-plaintext gRPC port that serves only grpc.health.v1 ("" = none); port 0 picks a free port.
+    // It starts before the model loads, so that an orchestrator sees the process alive (service "liveness") but
+    // not ready ("" and "readiness") while it loads; Kubernetes' native gRPC probes, which cannot speak TLS, use
+    // it when the main port has TLS. Health reveals nothing but serving states.
+    std::string health_listen_address;
     // Metrics HTTP listen address ("" disables the endpoint); port 0 picks a free port.
     std::string metrics_address = "127.0.0.1:9464";
     // The model directory (docs/MODELS.md).
@@ -115,12 +120,24 @@ class DeltaServer {
     int intra_op_threads = 0;
   };
 
+  // Health service names (grpc.health.v1) on every port. kLiveness is SERVING while the process runs (also while
+  // the model loads and while draining); kReadiness and "" (the whole server) are SERVING once the model is
+  // loaded and calls are accepted, NOT_SERVING before that and from BeginDrain() on. The deltaserve.v1 service
+  // names follow readiness.
+  static constexpr char kLivenessService[] = "liveness";
+  static constexpr char kReadinessService[] = "readiness";
+
   // Loads the model and starts serving. Errors: the model directory's (NOT_FOUND, INVALID_ARGUMENT, ...), or
   // UNAVAILABLE when an address cannot be bound.
   static absl::StatusOr<std::unique_ptr<DeltaServer>> Start(const Options& options);
   ~DeltaServer();
 
-  // Graceful shutdown: health turns NOT_SERVING, the server stops accepting calls, in-flight calls get up to
+  // Begins draining: readiness turns NOT_SERVING on every port (load balancers and Kubernetes stop sending new
+  // calls), deltaserve_ready turns 0, and calls are still served. Idempotent; Shutdown() follows.
+  void BeginDrain();
+  bool draining() const;
+
+  // Graceful shutdown: BeginDrain() if not yet, the server stops accepting calls, in-flight calls get up to
   // `drain` to finish (then are cancelled), queued rows are finished, the metrics endpoint stops. Idempotent.
   void Shutdown(absl::Duration drain);
   // Blocks until Shutdown() has completed.
@@ -128,6 +145,8 @@ class DeltaServer {
 
   int port() const { return port_; }
   int metrics_port() const;
+  // The health-only port (0 when there is none).
+  int health_port() const { return health_port_; }
   const model::Model& model() const { return *model_; }
 
  private:
@@ -148,9 +167,16 @@ class DeltaServer {
   std::unique_ptr<tuning::JobManager> jobs_;  // after the model, store and deltas it uses: destroyed before them
   std::unique_ptr<TuningServiceImpl> tuning_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::Server> health_server_;  // the health-only port; shut down last
   std::unique_ptr<metrics::MetricsHttpServer> metrics_http_;
   int port_ = 0;
-  absl::Mutex mu_;
+  int health_port_ = 0;
+
+  // Sets the readiness services (and the deltaserve.v1 ones) on every port and deltaserve_ready.
+  void SetReadiness(bool ready);
+
+  mutable absl::Mutex mu_;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;   // BeginDrain() was called
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;  // Shutdown() has begun
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;    // Shutdown() has finished
 };

@@ -70,6 +70,21 @@ TEST(ServerMetricsTest, ExportsDeltaCacheActivityByTier) {
   EXPECT_THAT(text, HasSubstr("deltaserve_delta_cache_resident_packs{tier=\"host\"} 1"));
 }
 
+TEST(ServerMetricsTest, ExportsStoreOperationsByOpAndCodeAndReadiness) {
+  ServerMetrics metrics;
+  // The OK series of every operation exist from the start; the server is not ready until it says so.
+  EXPECT_THAT(metrics.Serialize(), HasSubstr("deltaserve_store_operations_total{code=\"OK\",op=\"resolve\"} 0"));
+  EXPECT_THAT(metrics.Serialize(), HasSubstr("deltaserve_ready 0"));
+  metrics.OnStoreOperation(store::StoreOp::kResolve, absl::StatusCode::kOk, absl::Milliseconds(2));
+  metrics.OnStoreOperation(store::StoreOp::kGet, absl::StatusCode::kUnavailable, absl::Milliseconds(50));
+  metrics.SetReady(true);
+  const std::string text = metrics.Serialize();
+  EXPECT_THAT(text, HasSubstr("deltaserve_store_operations_total{code=\"OK\",op=\"resolve\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_store_operations_total{code=\"UNAVAILABLE\",op=\"get\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_store_operation_duration_seconds_count{op=\"get\"} 1"));
+  EXPECT_THAT(text, HasSubstr("deltaserve_ready 1"));
+}
+
 TEST(ServerMetricsTest, RecordsBatchShapes) {
   ServerMetrics metrics;
   metrics.OnBatch(8, 128, 100, absl::Milliseconds(10));

@@ -1,6 +1,10 @@
 // Integration tests: a real deltaserve process serving the real use-lite model on 127.0.0.1, called over real
 // gRPC by the C++ client library and by deltactl.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -367,6 +371,132 @@ TEST(ServerLifecycleTest, SigtermDrainsInFlightCallsAndExitsZero) {
   for (auto& t : callers) t.join();
   EXPECT_EQ(ok.load(), 4) << "in-flight calls must finish during the drain";
   EXPECT_THAT((*server)->Log(), HasSubstr("draining"));
+}
+
+// The health of a server's port for `service`: "SERVING", "NOT_SERVING", or the error.
+std::string HealthOf(int port, const std::string& service) {
+  client::DeltaserveClient::Options options;
+  options.target = absl::StrCat("127.0.0.1:", port);
+  options.timeout = absl::Seconds(2);
+  client::DeltaserveClient client(options);
+  absl::StatusOr<std::string> health = client.Health(service);
+  return health.ok() ? *health : health.status().ToString();
+}
+
+// A TCP listener on 127.0.0.1 that accepts connections and never answers: a store registry that hangs.
+class SilentListener {
+ public:
+  SilentListener() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&addr), len) == 0 && ::listen(fd_, 4) == 0 &&
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      port_ = ntohs(addr.sin_port);
+    }
+  }
+  ~SilentListener() {
+    if (conn_ >= 0) ::close(conn_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+  // Waits up to `timeout` for a connection; true when one came.
+  bool Accept(absl::Duration timeout) {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) != 1) return false;
+    conn_ = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    return conn_ >= 0;
+  }
+  // Closes the accepted connection and the listener: the caller's request fails.
+  void Hangup() {
+    if (conn_ >= 0) ::close(conn_);
+    if (fd_ >= 0) ::close(fd_);
+    conn_ = fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+  int conn_ = -1;
+  int port_ = 0;
+};
+
+// A free TCP port on 127.0.0.1 (bound and released: another process may take it, rarely).
+int FreePort() {
+  SilentListener l;
+  return l.port();
+}
+
+// The health-only port is up before the server can serve: alive, not ready. The server is held before ready by a
+// shared-store registry that accepts the connection and does not answer (the store opens after the model loads).
+TEST(ServerLifecycleTest, HealthPortIsLiveButNotReadyUntilTheServerCanServe) {
+  const std::string model_dir = testing::UseLiteModelDir();
+  if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
+  SilentListener registry;
+  ASSERT_GT(registry.port(), 0);
+  const int health_port = FreePort();
+  auto server = ServerProcess::Launch({"--model_dir=" + model_dir, "--listen=127.0.0.1:0",
+                                       "--metrics_listen=", absl::StrCat("--health_listen=127.0.0.1:", health_port),
+                                       absl::StrCat("--store_url=http://127.0.0.1:", registry.port())});
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE(registry.Accept(absl::Seconds(120))) << (*server)->Log();
+  // Now the server waits on the store: the model is loaded, the gRPC port not yet up.
+  EXPECT_EQ(HealthOf(health_port, "liveness"), "SERVING") << (*server)->Log();
+  EXPECT_EQ(HealthOf(health_port, "readiness"), "NOT_SERVING");
+  EXPECT_EQ(HealthOf(health_port, ""), "NOT_SERVING");
+  registry.Hangup();
+  EXPECT_EQ((*server)->WaitExit(absl::Seconds(60)), 1) << (*server)->Log();
+  EXPECT_THAT((*server)->Log(), HasSubstr("cannot start"));
+}
+
+// SIGUSR1 (the Kubernetes preStop hook) turns readiness off and keeps serving; SIGTERM then serves on for
+// --drain_delay_s before it stops accepting calls, and exits 0. Liveness stays SERVING throughout.
+TEST(ServerLifecycleTest, DrainTurnsReadinessOffWhileCallsAreStillServed) {
+  const std::string model_dir = testing::UseLiteModelDir();
+  if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
+  auto server = ServerProcess::Start(
+      {"--model_dir=" + model_dir, "--health_listen=127.0.0.1:0", "--drain_delay_s=3", "--drain_seconds=5"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int health_port = (*server)->health_port();
+  ASSERT_GT(health_port, 0);
+  EXPECT_EQ(HealthOf(health_port, "readiness"), "SERVING");
+  EXPECT_EQ(HealthOf(health_port, ""), "SERVING");
+  EXPECT_EQ(HealthOf((*server)->port(), "readiness"), "SERVING");
+  EXPECT_THAT(testing::HttpGet((*server)->metrics_port(), "/metrics"), HasSubstr("deltaserve_ready 1"));
+
+  client::DeltaserveClient::Options options;
+  options.target = (*server)->address();
+  client::DeltaserveClient client(options);
+  (*server)->Signal(SIGUSR1);
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (HealthOf(health_port, "readiness") != "NOT_SERVING" && absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ(HealthOf(health_port, "readiness"), "NOT_SERVING");
+  EXPECT_EQ(HealthOf(health_port, ""), "NOT_SERVING");
+  EXPECT_EQ(HealthOf((*server)->port(), "readiness"), "NOT_SERVING");
+  EXPECT_EQ(HealthOf(health_port, "liveness"), "SERVING");
+  EXPECT_THAT(testing::HttpGet((*server)->metrics_port(), "/metrics"), HasSubstr("deltaserve_ready 0"));
+  EXPECT_TRUE(client.EmbedTexts({"still served while draining"}).ok());
+  // deltactl health as an exec probe: non-zero while not ready, zero for liveness.
+  const std::string health_server = absl::StrCat("--server=127.0.0.1:", health_port);
+  EXPECT_EQ(testing::RunCommand({testing::DeltactlBinary(), health_server, "health", "readiness"}).exit_code, 1);
+  EXPECT_EQ(testing::RunCommand({testing::DeltactlBinary(), health_server, "health", "liveness"}).exit_code, 0);
+
+  const absl::Time term = absl::Now();
+  (*server)->Signal(SIGTERM);
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_TRUE(client.EmbedTexts({"still accepted during the drain delay"}).ok()) << (*server)->Log();
+  EXPECT_EQ(HealthOf(health_port, "liveness"), "SERVING");
+  EXPECT_EQ((*server)->WaitExit(absl::Seconds(60)), 0) << (*server)->Log();
+  EXPECT_GE(absl::Now() - term, absl::Seconds(2.5)) << "the server must keep accepting calls for --drain_delay_s";
+}
+
+TEST(ServerLifecycleTest, RejectsANegativeDrainDelay) {
+  auto r = testing::RunCommand({testing::DeltaserveBinary(), "--drain_delay_s=-1"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--drain_delay_s"));
 }
 
 TEST(ServerLifecycleTest, ServesBfloat16WithEmbeddingsCloseToTheReference) {

@@ -95,6 +95,29 @@ std::string MakeTempDir() {
   return dir ? std::string(dir) : "";
 }
 
+absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Launch(const std::vector<std::string>& args) {
+  std::unique_ptr<ServerProcess> server(new ServerProcess());
+  server->dir_ = MakeTempDir();
+  std::vector<std::string> argv = {DeltaserveBinary(), "--port_file=" + server->dir_ + "/ports"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  const int log_fd = ::open((server->dir_ + "/log").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  server->pid_ = Spawn(argv, -1, log_fd, log_fd);
+  ::close(log_fd);
+  if (server->pid_ < 0) return absl::InternalError("fork failed");
+  return server;
+}
+
+void ServerProcess::Signal(int sig) {
+  if (pid_ > 0) ::kill(pid_, sig);
+}
+
+int ServerProcess::WaitExit(absl::Duration timeout) {
+  if (pid_ <= 0) return -1;
+  const int code = WaitFor(pid_, timeout);
+  if (code != -1) pid_ = -1;
+  return code;
+}
+
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::vector<std::string>& args,
                                                                     absl::Duration timeout,
                                                                     client::DeltaserveClient::Options options) {
@@ -118,7 +141,10 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::v
           absl::StrCat("deltaserve exited with ", ExitCode(status), " before serving:\n", server->Log()));
     }
     std::ifstream in(port_file);
-    if (in >> server->port_ >> server->metrics_port_) break;
+    if (in >> server->port_ >> server->metrics_port_) {
+      if (!(in >> server->health_port_)) server->health_port_ = 0;
+      break;
+    }
     if (absl::Now() >= end) return absl::DeadlineExceededError("deltaserve did not start:\n" + server->Log());
     absl::SleepFor(absl::Milliseconds(20));
   }

@@ -39,14 +39,23 @@ class ServerProcess {
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::vector<std::string>& args,
                                                               absl::Duration timeout = absl::Seconds(120),
                                                               client::DeltaserveClient::Options client = {});
+  // Starts deltaserve with `args` (plus --port_file only) and returns at once, without waiting for it to serve:
+  // for tests of what happens before it is ready. port() and friends stay 0.
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Launch(const std::vector<std::string>& args);
   ~ServerProcess();
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
+  // The --health_listen port (0 when the server has none).
+  int health_port() const { return health_port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
   // Sends `sig` and waits for the exit; returns the exit status (128 + signal when killed).
   int Stop(int sig, absl::Duration timeout = absl::Seconds(60));
+  // Sends `sig` without waiting.
+  void Signal(int sig);
+  // Waits up to `timeout` for the process to exit by itself; its exit status, or -1 while it still runs.
+  int WaitExit(absl::Duration timeout);
   // What the server wrote to stderr/stdout so far.
   std::string Log() const;
 
@@ -55,6 +64,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   int port_ = 0;
   int metrics_port_ = 0;
+  int health_port_ = 0;
   std::string dir_;
 };
 
