@@ -53,6 +53,10 @@ ABSL_FLAG(std::string, delta_dir, "",
 ABSL_FLAG(int64_t, max_pack_bytes, int64_t{256} << 20, "Largest delta pack accepted (push, import, load).");
 ABSL_FLAG(int64_t, tenant_store_bytes, 0, "Per-tenant quota: bytes of distinct packs stored (0 = unlimited).");
 ABSL_FLAG(int64_t, tenant_store_versions, 0, "Per-tenant quota: pack versions stored (0 = unlimited).");
+ABSL_FLAG(double, store_gc_interval_s, 6 * 3600,
+          "Collect the store's garbage (unreferenced blobs, abandoned uploads) this often, in seconds (0 = never).");
+ABSL_FLAG(double, store_gc_grace_s, 3600,
+          "Garbage collection keeps unreferenced blobs younger than this (a push may be about to reference them).");
 ABSL_FLAG(bool, verify_every_read, false,
           "Check a stored pack's digest on every read (true) or on its first read since start (false).");
 ABSL_FLAG(int64_t, delta_cache_bytes, int64_t{1} << 30,
@@ -173,6 +177,12 @@ int main(int argc, char** argv) {
   options.store.quotas.default_quota.max_bytes = absl::GetFlag(FLAGS_tenant_store_bytes);
   options.store.quotas.default_quota.max_versions = absl::GetFlag(FLAGS_tenant_store_versions);
   options.store.verify_every_read = absl::GetFlag(FLAGS_verify_every_read);
+  options.store_gc_interval = absl::Seconds(absl::GetFlag(FLAGS_store_gc_interval_s));
+  options.store_gc_grace = absl::Seconds(absl::GetFlag(FLAGS_store_gc_grace_s));
+  if (!(absl::GetFlag(FLAGS_store_gc_interval_s) >= 0) || !(absl::GetFlag(FLAGS_store_gc_grace_s) >= 0)) {
+    std::fprintf(stderr, "deltaserve: --store_gc_interval_s and --store_gc_grace_s must be >= 0\n");
+    return 2;
+  }
   options.deltas.cache_bytes = absl::GetFlag(FLAGS_delta_cache_bytes);
   options.deltas.host_cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes);
   options.jobs.jobs_dir = absl::GetFlag(FLAGS_jobs_dir);

@@ -282,6 +282,9 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
         [m = server->metrics_.get()] { return m->Serialize(); });
     DS_RETURN_IF_ERROR(server->metrics_http_->Start());
   }
+  if (options.store_gc_interval > absl::ZeroDuration()) {
+    server->gc_thread_ = std::thread([s = server.get()] { s->GcLoop(); });
+  }
   server->SetReadiness(true);
   DS_LOG(INFO) << "serving deltaserve.v1 on " << options.listen_address << " (port " << server->port_
                << (security.tls_cert_file.empty() ? ", plaintext" : ", TLS") << ")"
@@ -296,6 +299,26 @@ absl::StatusOr<std::unique_ptr<DeltaServer>> DeltaServer::Start(const Options& o
 DeltaServer::~DeltaServer() { Shutdown(absl::ZeroDuration()); }
 
 int DeltaServer::metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
+
+void DeltaServer::GcLoop() {
+  store::GcOptions gc;
+  gc.grace = options_.store_gc_grace;
+  mu_.Lock();
+  while (!mu_.AwaitWithTimeout(absl::Condition(&shut_down_), options_.store_gc_interval)) {
+    mu_.Unlock();
+    const absl::Time start = absl::Now();
+    absl::StatusOr<store::GcReport> report = store_->CollectGarbage(gc);
+    if (!report.ok()) {
+      DS_LOG(WARNING) << "store garbage collection failed (will retry): " << report.status();
+    } else if (report->blobs_removed > 0 || report->temp_files_removed > 0) {
+      DS_LOG(INFO) << "store garbage collection removed " << report->blobs_removed << " blobs ("
+                   << report->bytes_removed << " bytes) and " << report->temp_files_removed
+                   << " abandoned uploads in " << absl::ToDoubleSeconds(absl::Now() - start) << " s";
+    }
+    mu_.Lock();
+  }
+  mu_.Unlock();
+}
 
 void DeltaServer::SetReadiness(bool ready) {
   for (grpc::Server* s : {server_.get(), health_server_.get()}) {
@@ -335,6 +358,7 @@ void DeltaServer::Shutdown(absl::Duration drain) {
     shut_down_ = true;
   }
   BeginDrain();
+  if (gc_thread_.joinable()) gc_thread_.join();  // woken by shut_down_; a collection in progress finishes first
   if (server_) {
     // Stops accepting new calls and waits up to `drain` for in-flight ones, then cancels what is left.
     server_->Shutdown(std::chrono::system_clock::now() +

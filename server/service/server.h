@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -72,6 +73,12 @@ class DeltaServer {
     // How long a resolved reference is reused before asking the registry again (0 = never: a label moved on
     // another replica takes effect at once).
     absl::Duration registry_resolve_ttl = absl::ZeroDuration();
+    // How often the server collects the store's garbage (blobs no version references and abandoned uploads,
+    // older than store_gc_grace; docs/STORE.md); zero = never (run it elsewhere).
+    absl::Duration store_gc_interval = absl::Hours(6);
+    // Unreferenced blobs younger than this are kept: a push may be about to reference them. Keep it well above
+    // the longest push.
+    absl::Duration store_gc_grace = absl::Hours(1);
     // The delta store: quotas, blob size limit, read verification. `store.max_blob_bytes` is also the largest
     // push.
     store::FileSystemStoreOptions store;
@@ -172,6 +179,9 @@ class DeltaServer {
   int port_ = 0;
   int health_port_ = 0;
 
+  // Collects the store's garbage every options_.store_gc_interval until Shutdown().
+  void GcLoop();
+
   // Sets the readiness services (and the deltaserve.v1 ones) on every port and deltaserve_ready.
   void SetReadiness(bool ready);
 
@@ -179,6 +189,7 @@ class DeltaServer {
   bool draining_ ABSL_GUARDED_BY(mu_) = false;   // BeginDrain() was called
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;  // Shutdown() has begun
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;    // Shutdown() has finished
+  std::thread gc_thread_;                          // GcLoop(); joined by Shutdown()
 };
 
 }  // namespace service

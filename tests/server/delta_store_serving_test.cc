@@ -2,6 +2,7 @@
 // Pushed packs serve at once; labels move what requests get; bad pushes and bad references get clear statuses
 // and store nothing; the store survives a restart; corrupt bytes on disk are DATA_LOSS, never a wrong answer.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <signal.h>
 
@@ -286,6 +287,36 @@ TEST_F(DeltaStoreServingTest, BadLabelAndDeleteRequestsGetClearStatuses) {
   EXPECT_EQ(client_->GetDelta("", "sentiment@1").status().code(), absl::StatusCode::kNotFound);
   std::string bytes;
   EXPECT_EQ(client_->PullDelta("", "sentiment@@1", &bytes).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The server collects the store's garbage on its own: a blob only a deleted version referenced goes, once older
+// than the grace period; the blobs of live versions stay.
+TEST_F(DeltaStoreServingTest, PeriodicGarbageCollectionRemovesBlobsOfDeletedVersionsOnly) {
+  StartServer({"--store_gc_interval_s=0.5", "--store_gc_grace_s=0"});
+  auto old_version = Push("gc", LoraHeadPack(*model_, "gc", 1));
+  ASSERT_TRUE(old_version.ok()) << old_version.status();
+  auto new_version = Push("gc", LoraHeadPack(*model_, "gc", 2));
+  ASSERT_TRUE(new_version.ok()) << new_version.status();
+  auto blob_path = [&](const std::string& digest) {
+    const std::string hex = digest.substr(7);
+    return store_dir_ + "/blobs/sha256/" + hex.substr(0, 2) + "/" + hex.substr(2);
+  };
+  const std::string old_blob = blob_path(old_version->version().digest());
+  const std::string new_blob = blob_path(new_version->version().digest());
+  ASSERT_EQ(::access(old_blob.c_str(), F_OK), 0);
+  pb::DeleteVersionRequest remove;
+  remove.set_task("gc");
+  remove.set_version(old_version->version().version());
+  ASSERT_TRUE(client_->DeleteVersion(remove).ok());
+
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (::access(old_blob.c_str(), F_OK) == 0 && absl::Now() < end) absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_NE(::access(old_blob.c_str(), F_OK), 0) << "the deleted version's blob was never collected";
+  EXPECT_EQ(::access(new_blob.c_str(), F_OK), 0) << "a live version's blob was collected";
+  EXPECT_TRUE(EmbedWith("gc").ok());
+  EXPECT_THAT(testing::HttpGet(server_->metrics_port(), "/metrics"),
+              ::testing::ContainsRegex("deltaserve_store_operations_total\\{code=\"OK\",op=\"gc\"\\} [1-9]"));
+  EXPECT_THAT(server_->Log(), HasSubstr("store garbage collection removed 1 blobs"));
 }
 
 TEST_F(DeltaStoreServingTest, StoreSurvivesARestartEnforcesQuotasAndNeverServesCorruptBytes) {
