@@ -138,6 +138,19 @@ PANELS = [
          "threads' lower priority.",
          quantiles("deltaserve_tuning_step_seconds"), "timeseries"),
     ]),
+    ("Store and lifecycle", [
+        ("Store operations / s by op", "short", "Delta store operations (deltaserve_store_operations_total): get, "
+         "put, resolve, list, labels, deletes, gc. With a shared store each includes registry round trips.",
+         [q(rate("deltaserve_store_operations_total", "op"), "{{op}}")], "timeseries"),
+        ("Store errors / s by op and code", "short", "Store operations that did not end OK. NOT_FOUND is a missing "
+         "task or label; UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED are the store's own failures (alert "
+         "DeltaserveStoreErrors); DATA_LOSS a corrupt blob.",
+         [q(rate("deltaserve_store_operations_total", "op,code", NOT_OK), "{{op}} {{code}}")], "timeseries"),
+        ("Store operation latency (p50 / p95 / p99) by op", "s", "Time one store operation takes.",
+         quantiles("deltaserve_store_operation_duration_seconds", "op"), "timeseries"),
+        ("Ready instances", "short", "Instances ready for calls (deltaserve_ready: model loaded, not draining).",
+         [q("sum(deltaserve_ready{SEL})", "ready")], "stat"),
+    ]),
     ("Model", [
         ("Served model", "none", "The model each instance serves (family, dtype, device, BLAS, parameters).",
          [{"expr": f"deltaserve_model_info{{{SEL}}}", "format": "table", "instant": True, "legendFormat": ""}],
