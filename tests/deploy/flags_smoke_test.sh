@@ -40,7 +40,8 @@ check 0 "liveness SERVING on the health port" "$CTL" --server=127.0.0.1:$HEALTH 
 check 0 "readiness SERVING on the health port" "$CTL" --server=127.0.0.1:$HEALTH health readiness
 check 1 "authentication is on (the example tenants file has no tokens)" "$CTL" --server=127.0.0.1:$GRPC embed hello
 grep -q UNAUTHENTICATED "$WORK/out" || { echo "FAIL: wanted UNAUTHENTICATED: $(cat "$WORK/out")"; fail=1; }
-curl -s "http://127.0.0.1:$METRICS/metrics" | grep -q '^deltaserve_ready 1' && echo "ok: metrics say ready" ||
+metrics=$(curl -s "http://127.0.0.1:$METRICS/metrics")  # whole, not piped into grep -q (SIGPIPE under pipefail)
+grep -q '^deltaserve_ready 1' <<<"$metrics" && echo "ok: metrics say ready" ||
   { echo "FAIL: metrics do not say deltaserve_ready 1"; fail=1; }
 kill -USR1 $pid
 sleep 0.5
