@@ -14,6 +14,7 @@
 //   deltactl rm TASK@VERSION | TASK:LABEL          delete a version, or a label
 //   deltactl prefetch REF...                       load tasks' packs into the server's cache ahead of requests
 //   deltactl admin --tenants_file=F tenant ... | token ...   edit the tenants file (deltactl_admin.h)
+//   deltactl backup --out=DIR [--tenants=A,B] / restore DIR [--dry_run]   copy the store (deltactl_backup.h)
 //
 // embed / classify / info print JSON; the store commands and prefetch print a short text for people, JSON with
 // --json.
@@ -32,6 +33,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "client/deltactl_admin.h"
+#include "client/deltactl_backup.h"
 #include "client/deltactl_tune.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -93,6 +95,9 @@ constexpr char kUsage[] =
     "  deltactl tune watch JOB | get JOB | cancel JOB | ls [--state=running]\n"
     "  deltactl admin --tenants_file=F tenant add|rm|ls|quota ... | token create|revoke|ls ...\n"
     "           (edits the server's tenants file: tenants, quotas, API tokens; needs no server)\n"
+    "  deltactl backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F] [--overwrite]\n"
+    "           (every version, label and pack of the tenants, through the API; any store backend)\n"
+    "  deltactl restore DIR [--tenant=T] [--dry_run]   (checks every blob first; idempotent; prints JSON)\n"
     "  with authentication: --token=dst_... (or $DELTASERVE_TOKEN); with TLS: --tls_ca=CA.pem [--tls_cert --tls_key]\n"
     "  store commands and prefetch print text; add --json for scripts\n";
 
@@ -567,6 +572,14 @@ int main(int argc, char** argv) {
   if (command == "label") return Label(client, rest);
   if (command == "rm") return Remove(client, rest);
   if (command == "prefetch") return Prefetch(client, rest);
+  if (command == "backup" || command == "restore") {
+    deltaserve::client::BackupContext ctx;
+    ctx.server = absl::GetFlag(FLAGS_server);
+    ctx.tenant = absl::GetFlag(FLAGS_tenant);
+    ctx.print = Print;
+    return command == "backup" ? deltaserve::client::BackupCommand(client, ctx, rest)
+                               : deltaserve::client::RestoreCommand(client, ctx, rest);
+  }
   if (command == "tune") {
     deltaserve::client::TuneContext ctx;
     ctx.tenant = absl::GetFlag(FLAGS_tenant);
