@@ -95,7 +95,7 @@ constexpr char kUsage[] =
     "  deltactl tune watch JOB | get JOB | cancel JOB | ls [--state=running]\n"
     "  deltactl admin --tenants_file=F tenant add|rm|ls|quota ... | token create|revoke|ls ...\n"
     "           (edits the server's tenants file: tenants, quotas, API tokens; needs no server)\n"
-    "  deltactl backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F] [--overwrite]\n"
+    "  deltactl backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F | --all_tenants] [--overwrite]\n"
     "           (every version, label and pack of the tenants, through the API; any store backend)\n"
     "  deltactl restore DIR [--tenant=T] [--dry_run]   (checks every blob first; idempotent; prints JSON)\n"
     "  with authentication: --token=dst_... (or $DELTASERVE_TOKEN); with TLS: --tls_ca=CA.pem [--tls_cert --tls_key]\n"

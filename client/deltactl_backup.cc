@@ -28,6 +28,9 @@ ABSL_FLAG(bool, dry_run, false, "restore: check the backup (manifest and every b
 ABSL_FLAG(std::vector<std::string>, tenants, {},
           "backup: the tenants to back up (comma separated; with --tenant and --tenants_file's tenants; other "
           "tenants than the caller's need an admin token).");
+ABSL_FLAG(bool, all_tenants, false,
+          "backup: every tenant's packs (ListDeltas all_tenants; needs an admin token, or a server without "
+          "authentication).");
 ABSL_DECLARE_FLAG(std::string, tenants_file);
 
 namespace deltaserve {
@@ -76,7 +79,8 @@ struct TaskVersions {
 int BackupCommand(DeltaserveClient& client, const BackupContext& ctx, const std::vector<std::string>& args) {
   std::string out = absl::GetFlag(FLAGS_out);
   if (!args.empty() || out.empty()) {
-    std::cerr << "deltactl: backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F] [--overwrite]\n";
+    std::cerr << "deltactl: backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F | --all_tenants] "
+                 "[--overwrite]\n";
     return 2;
   }
   while (out.size() > 1 && out.back() == '/') out.pop_back();
@@ -110,8 +114,13 @@ int BackupCommand(DeltaserveClient& client, const BackupContext& ctx, const std:
     if (!read.ok()) return Error(absl::StrCat("backup: tenants file ", file), read.status());
     for (const auto& [name, record] : read->tenants) tenants.insert(name);
   }
-  const bool own_only = tenants.empty();
-  if (own_only) tenants.insert("");
+  const bool all_tenants = absl::GetFlag(FLAGS_all_tenants);
+  if (all_tenants && !tenants.empty()) {
+    std::cerr << "deltactl: backup: --all_tenants takes no --tenant, --tenants or --tenants_file\n";
+    return 2;
+  }
+  const bool own_only = tenants.empty() && !all_tenants;
+  if (tenants.empty()) tenants.insert("");  // the caller's own, or (--all_tenants) every tenant
 
   absl::StatusOr<pb::GetModelInfoResponse> info = client.GetModelInfo();
   if (!info.ok()) return Error("backup: GetModelInfo", info.status());
@@ -122,11 +131,13 @@ int BackupCommand(DeltaserveClient& client, const BackupContext& ctx, const std:
   for (const std::string& tenant : tenants) {
     pb::ListDeltasRequest request;
     request.set_tenant(tenant);
+    request.set_all_tenants(all_tenants);
     request.set_page_size(1000);
     do {
       absl::StatusOr<pb::ListDeltasResponse> page = client.ListDeltas(request);
       if (!page.ok()) {
-        return Error(absl::StrCat("backup: listing tenant \"", tenant.empty() ? "(own)" : tenant, "\""),
+        return Error(all_tenants ? std::string("backup: listing every tenant")
+                                 : absl::StrCat("backup: listing tenant \"", tenant.empty() ? "(own)" : tenant, "\""),
                      page.status());
       }
       for (const pb::DeltaVersion& v : page->versions()) {
@@ -141,8 +152,8 @@ int BackupCommand(DeltaserveClient& client, const BackupContext& ctx, const std:
   if (own_only) {
     std::cerr << "deltactl: backup: the caller's own tenant"
               << (listed_tenants.empty() ? "" : absl::StrCat(" (", *listed_tenants.begin(), ")"))
-              << " only; name others with --tenants=A,B or --tenants_file=F (needs an admin token, or a server "
-                 "without authentication)\n";
+              << " only; name others with --tenants=A,B, or take them all with --all_tenants (needs an admin "
+                 "token, or a server without authentication)\n";
   }
 
   // Pull each distinct blob once into DIR.tmp/blobs.

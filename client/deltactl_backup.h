@@ -1,7 +1,7 @@
 // `deltactl backup` and `deltactl restore`: a copy of the delta store taken through the API, so it works for
 // every store backend (filesystem store, shared OCI registry) and moves a store from one backend to another.
 //
-//   deltactl backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F] [--overwrite]
+//   deltactl backup --out=DIR [--tenant=T | --tenants=A,B | --tenants_file=F | --all_tenants] [--overwrite]
 //   deltactl restore DIR [--tenant=T] [--dry_run]
 //
 // A backup directory holds blobs/sha256-<hex> (each distinct pack once, its bytes exactly as pulled) and
@@ -10,9 +10,9 @@
 // digest, size_bytes, created, created_unix_micros}], "labels": {label: version}}]}], "blobs", "bytes"}.
 // It is written to DIR.tmp and renamed to DIR at the end: a DIR with a manifest.json is a complete backup.
 //
-// Tenants: the API lists one tenant's versions per call and cannot list tenants, so backup covers the tenants
-// named by --tenant, --tenants and the tenants file given with --tenants_file (together); with none of them, the
-// caller's own tenant (the server's default tenant without authentication). Other tenants than the caller's need
+// Tenants: --all_tenants takes every tenant's (ListDeltas all_tenants: an admin token, or no authentication);
+// otherwise backup covers the tenants named by --tenant, --tenants and the tenants file given with --tenants_file
+// (together); with none of them, the caller's own tenant (the server's default tenant without authentication). Other tenants than the caller's need
 // an admin token (or a server without authentication).
 //
 // Restore checks the manifest and every blob's sha256 before it pushes anything, then pushes each task's

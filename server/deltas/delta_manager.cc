@@ -225,6 +225,13 @@ absl::StatusOr<std::pair<store::VersionInfo, std::unique_ptr<store::BlobReader>>
   return std::make_pair(std::move(version), std::move(reader));
 }
 
+absl::StatusOr<store::ListPage> DeltaManager::ListAllTenants(int page_size, const std::string& page_token) {
+  store::ListOptions options;  // tenant "" = every tenant
+  options.page_size = page_size;
+  options.page_token = page_token;
+  return store_->List(options);
+}
+
 absl::StatusOr<store::ListPage> DeltaManager::List(const std::string& tenant, const std::string& task,
                                                    int page_size, const std::string& page_token) {
   store::ListOptions options;

@@ -144,6 +144,8 @@ class DeltaManager : public inference::DeltaResolver {
   // The version and a reader of its bytes.
   absl::StatusOr<std::pair<store::VersionInfo, std::unique_ptr<store::BlobReader>>> OpenPull(
       const std::string& tenant, const std::string& ref);
+  // Every tenant's versions (the caller has checked the right to see them).
+  absl::StatusOr<store::ListPage> ListAllTenants(int page_size, const std::string& page_token);
   absl::StatusOr<store::ListPage> List(const std::string& tenant, const std::string& task, int page_size,
                                        const std::string& page_token);
   absl::StatusOr<store::VersionInfo> SetLabel(const std::string& tenant, const std::string& task,

@@ -135,9 +135,18 @@ grpc::Status DeltaServiceImpl::ListDeltas(grpc::ServerContext* context, const pb
   const absl::Time start = absl::Now();
   absl::StatusOr<CallSecurity::Call> admitted = security_->Begin(context, request->tenant());
   absl::Status status = admitted.status();
-  if (admitted.ok()) {
+  if (admitted.ok() && request->all_tenants()) {
+    if (!request->tenant().empty() || !request->task().empty()) {
+      status = absl::InvalidArgumentError("all_tenants lists every tenant's versions: leave tenant and task empty");
+    } else if (!admitted->caller.admin) {
+      status = absl::PermissionDeniedError("all_tenants needs the admin role");
+    }
+  }
+  if (admitted.ok() && status.ok()) {
     absl::StatusOr<store::ListPage> page =
-        manager_->List(admitted->tenant, request->task(), request->page_size(), request->page_token());
+        request->all_tenants()
+            ? manager_->ListAllTenants(request->page_size(), request->page_token())
+            : manager_->List(admitted->tenant, request->task(), request->page_size(), request->page_token());
     if (page.ok()) {
       for (const store::VersionInfo& v : page->versions) ToProto(v, response->add_versions());
       response->set_next_page_token(page->next_page_token);

@@ -461,6 +461,21 @@ TEST_F(BackupRestoreTest, WithAuthenticationATenantBacksUpOnlyItsOwnAndAnAdminAl
   ASSERT_EQ(everyone.exit_code, 0) << everyone.err;
   EXPECT_EQ(tenants_in(all), (std::vector<std::string>{"acme", "globex"}));  // ops has no versions
 
+  // --all_tenants: every tenant without naming them, for an admin only.
+  const std::string listed = dir + "/listed-backup";
+  CommandResult listed_all =
+      Deltactl(server.get(), {"--token=" + tokens["ops"], "backup", "--out=" + listed, "--all_tenants"});
+  ASSERT_EQ(listed_all.exit_code, 0) << listed_all.err;
+  EXPECT_EQ(tenants_in(listed), (std::vector<std::string>{"acme", "globex"}));
+  CommandResult not_admin =
+      Deltactl(server.get(), {"--token=" + tokens["acme"], "backup", "--out=" + dir + "/no2", "--all_tenants"});
+  EXPECT_EQ(not_admin.exit_code, 1);
+  EXPECT_THAT(not_admin.err, HasSubstr("PERMISSION_DENIED"));
+  pb::ListDeltasRequest bad;
+  bad.set_all_tenants(true);
+  bad.set_tenant("acme");
+  EXPECT_EQ(admin->ListDeltas(bad).status().code(), absl::StatusCode::kInvalidArgument);
+
   // The tenant's own backup restores with its own token into a fresh server with the same tenants file.
   auto target = StartServer({"--store_dir=" + dir + "/store2", "--tenants_file=" + tenants_file});
   ASSERT_TRUE(target);
