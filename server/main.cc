@@ -86,7 +86,7 @@ ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float32 (exact) or bfloat16 (oneDNN; faster on CPUs with AVX512-BF16/AMX).");
 ABSL_FLAG(std::string, blas, "openblas",
           "BLAS for float32 matmuls: openblas (fast, default), blis, reference (slow), system (as installed).");
-ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = every core).");
+ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = $OMP_NUM_THREADS when set, else every core).");
 ABSL_FLAG(int, max_batch_rows, 32, "Most input sequences in one forward pass.");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "Most padded tokens (rows x longest row) in one forward pass.");
 ABSL_FLAG(double, max_queue_delay_ms, 2.0, "How long a queued input waits for its batch to fill, at most.");

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/logging.h"
 
@@ -80,6 +81,11 @@ void ConfigureAllocator() {
 }
 
 int SetIntraOpThreads(int threads) {
+  // 0: OMP_NUM_THREADS when it is set (the OpenMP convention; scripts/sanitize.sh tsan sets 1 because TSan cannot
+  // see into Debian's libgomp), else every core.
+  int from_env = 0;
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  if (threads <= 0 && omp != nullptr && absl::SimpleAtoi(omp, &from_env) && from_env > 0) threads = from_env;
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
   return at::get_num_threads();

@@ -28,7 +28,7 @@ std::string LoadedBlas();
 // paying first-touch page faults (about 10 % of a use-lite forward here). Call once, early in main.
 void ConfigureAllocator();
 
-// Sets LibTorch's intra-op threads (0 = every core) and returns the number in use.
+// Sets LibTorch's intra-op threads (0 = OMP_NUM_THREADS if set, else every core) and returns the number in use.
 int SetIntraOpThreads(int threads);
 
 }  // namespace deltaserve
