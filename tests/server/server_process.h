@@ -2,7 +2,8 @@
 // its output captured.
 //
 // ServerProcess owns the child process and its scratch directory; the destructor kills the child (SIGKILL) if it
-// still runs. Not thread-safe: use one from one thread (the server itself is called from many).
+// still runs, and the kernel kills it (PR_SET_PDEATHSIG) if the test dies first — so start a server from a thread
+// that outlives it (the test's main thread). Not thread-safe: use one from one thread (the server itself is called from many).
 #ifndef DELTASERVE_TESTS_SERVER_SERVER_PROCESS_H_
 #define DELTASERVE_TESTS_SERVER_SERVER_PROCESS_H_
 
