@@ -192,7 +192,7 @@ scrape_configs:
   }
 
   absl::Status Launch(const std::string& binary) {
-    const int port = FreePort();
+    const int port = testing::FreePort();
     if (port <= 0) return absl::UnavailableError("no free port for prometheus");
     url_ = absl::StrCat("http://127.0.0.1:", port);
     std::vector<std::string> argv = {binary,
@@ -234,21 +234,6 @@ scrape_configs:
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
     return absl::UnavailableError("prometheus was not ready within 30 s:\n" + Log());
-  }
-
-  static int FreePort() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    int port = -1;
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-      port = ntohs(addr.sin_port);
-    }
-    ::close(fd);
-    return port;
   }
 
   const std::string dir_;  // prometheus.yml, data/, prometheus.log

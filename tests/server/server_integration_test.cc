@@ -422,12 +422,6 @@ class SilentListener {
   int port_ = 0;
 };
 
-// A free TCP port on 127.0.0.1 (bound and released: another process may take it, rarely).
-int FreePort() {
-  SilentListener l;
-  return l.port();
-}
-
 // The health-only port is up before the server can serve: alive, not ready. The server is held before ready by a
 // shared-store registry that accepts the connection and does not answer (the store opens after the model loads).
 TEST(ServerLifecycleTest, HealthPortIsLiveButNotReadyUntilTheServerCanServe) {
@@ -435,7 +429,7 @@ TEST(ServerLifecycleTest, HealthPortIsLiveButNotReadyUntilTheServerCanServe) {
   if (model_dir.empty()) GTEST_SKIP() << "no converted use-lite model: run `bash scripts/setup.sh build`";
   SilentListener registry;
   ASSERT_GT(registry.port(), 0);
-  const int health_port = FreePort();
+  const int health_port = testing::FreePort();
   auto server = ServerProcess::Launch({"--model_dir=" + model_dir, "--listen=127.0.0.1:0",
                                        "--metrics_listen=", absl::StrCat("--health_listen=127.0.0.1:", health_port),
                                        absl::StrCat("--store_url=http://127.0.0.1:", registry.port())});
@@ -493,10 +487,18 @@ TEST(ServerLifecycleTest, DrainTurnsReadinessOffWhileCallsAreStillServed) {
   EXPECT_GE(absl::Now() - term, absl::Seconds(2.5)) << "the server must keep accepting calls for --drain_delay_s";
 }
 
-TEST(ServerLifecycleTest, RejectsANegativeDrainDelay) {
-  auto r = testing::RunCommand({testing::DeltaserveBinary(), "--drain_delay_s=-1"});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_THAT(r.err, HasSubstr("--drain_delay_s"));
+TEST(ServerLifecycleTest, RejectsBadDrainGcAndHealthFlagsWithAClearMessage) {
+  auto delay = testing::RunCommand({testing::DeltaserveBinary(), "--drain_delay_s=-1"});
+  EXPECT_EQ(delay.exit_code, 2);
+  EXPECT_THAT(delay.err, HasSubstr("--drain_delay_s"));
+  auto gc = testing::RunCommand({testing::DeltaserveBinary(), "--store_gc_grace_s=-5"});
+  EXPECT_EQ(gc.exit_code, 2);
+  EXPECT_THAT(gc.err, HasSubstr("--store_gc_grace_s"));
+  // The health port is bound before the model loads: a bad address fails fast, naming the flag.
+  auto health = testing::RunCommand({testing::DeltaserveBinary(), "--listen=127.0.0.1:0", "--metrics_listen=",
+                                     "--health_listen=not-an-address"});
+  EXPECT_EQ(health.exit_code, 1);
+  EXPECT_THAT(health.err, HasSubstr("--health_listen"));
 }
 
 TEST(ServerLifecycleTest, ServesBfloat16WithEmbeddingsCloseToTheReference) {

@@ -78,6 +78,10 @@ struct CommandResult {
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "",
                          absl::Duration timeout = absl::Seconds(120));
 
+// A free TCP port on 127.0.0.1 (bound and released: another process may take it before the caller, rarely);
+// -1 when none could be bound. For servers whose port must be known before they start.
+int FreePort();
+
 // A plain HTTP GET to 127.0.0.1:port; returns the whole response (status line, headers, body).
 std::string HttpGet(int port, const std::string& path);
 
