@@ -96,9 +96,14 @@ ABSL_FLAG(int64_t, max_queued_rows_per_tenant, 1024,
           "retry hint. Keep it well under --max_queued_rows.");
 ABSL_FLAG(std::string, tenant_weights, "",
           "Fair-share weights, \"tenant=weight,...\" (e.g. \"acme=4,beta=0.5\"); tenants not listed weigh 1.");
+ABSL_FLAG(bool, pack_tokens, true,
+          "Run the per-token layers of a batch on its real tokens only (no compute on padding; rows of any length "
+          "and prompt-tuned rows share one forward pass). false: every pass is padded to its longest row.");
 ABSL_FLAG(double, max_padding_ratio, 1.5,
-          "Split a batch into length-sorted forward passes when its padded tokens exceed this multiple of its real "
-          "tokens (0 = never split).");
+          "Without --pack_tokens: split a batch into length-sorted forward passes when its padded tokens exceed this "
+          "multiple of its real tokens (0 = never split).");
+ABSL_FLAG(double, packed_max_padding_ratio, 4.0,
+          "With --pack_tokens: the same split, where padding costs attention only (0 = never split).");
 ABSL_FLAG(double, merge_break_even, 1.0,
           "Merge mode: a forward pass whose rows all carry one mergeable pack (lora, bitfit, ln_tuning, ia3) folds it "
           "into the weights when its padded tokens reach this multiple of the pack's break-even size (0 = never).");
@@ -201,7 +206,9 @@ int main(int argc, char** argv) {
   options.engine.max_text_bytes = absl::GetFlag(FLAGS_max_text_bytes);
   options.engine.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
   options.engine.truncate_by_default = absl::GetFlag(FLAGS_truncate);
+  options.engine.pack_tokens = absl::GetFlag(FLAGS_pack_tokens);
   options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
+  options.engine.packed_max_padding_ratio = absl::GetFlag(FLAGS_packed_max_padding_ratio);
   options.engine.merge_break_even = absl::GetFlag(FLAGS_merge_break_even);
   options.engine.batching.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   options.engine.batching.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);

@@ -217,18 +217,17 @@ struct BlockPlan {
 
 // Adds each carrying row's adapter, applied to its row of `input`, to its row of `*hidden`, in place (on a copy
 // when something else may hold `*hidden`). `input` may be `*hidden` itself (sequential adapters): each piece
-// reads its rows before it writes them.
-void ApplyPlan(const BlockPlan& plan, const at::Tensor& input, at::Tensor* hidden) {
-  const int64_t b = hidden->size(0), out = hidden->size(-1);
+// reads its rows before it writes them. Both are per-token hook tensors in `layout`.
+void ApplyPlan(const BlockPlan& plan, const model::TokenLayout& layout, const at::Tensor& input,
+               at::Tensor* hidden) {
   const bool in_place = Exclusive(*hidden);  // before x, which may share its storage
-  const at::Tensor x = input.reshape({b, -1, plan.in}).contiguous();
+  const at::Tensor x = input.contiguous();
   if (!in_place) *hidden = hidden->clone(at::MemoryFormat::Contiguous);
-  at::Tensor y = hidden->view({b, -1, out});
-  ForEachSegmentPiece(plan.segments, b, [&](const AdapterSegment& s) {
+  ForEachSegmentPiece(plan.segments, layout.rows(), [&](const AdapterSegment& s) {
     const AdapterModule& m = *s.adapter;
-    const at::Tensor xs = x.narrow(0, s.first, s.count).view({-1, plan.in});
-    const at::Tensor z = Activate(s.activation, at::addmm(m.down_b, xs, m.down_w.t()));  // [rows x N, b]
-    y.narrow(0, s.first, s.count).view({-1, out}).addmm_(z, m.up_w.t()).add_(m.up_b);
+    const at::Tensor xs = layout.Rows(x, s.first, s.count);
+    const at::Tensor z = Activate(s.activation, at::addmm(m.down_b, xs, m.down_w.t()));  // [tokens, b]
+    layout.Rows(*hidden, s.first, s.count).addmm_(z, m.up_w.t()).add_(m.up_b);
   });
 }
 
@@ -265,12 +264,14 @@ absl::StatusOr<std::unordered_map<std::string, BlockPlan>> PlanBlocks(const std:
 
 class AdapterBatch : public MethodBatch {
  public:
-  explicit AdapterBatch(std::unordered_map<std::string, BlockPlan> plans) : plans_(std::move(plans)) {}
+  AdapterBatch(int64_t num_rows, std::unordered_map<std::string, BlockPlan> plans)
+      : MethodBatch(num_rows), plans_(std::move(plans)) {}
 
   void OnBlockOutput(const model::ModuleInfo& block, at::Tensor* hidden) override {
     auto it = plans_.find(block.name);
     if (it == plans_.end()) return;
-    ApplyPlan(it->second, *hidden, hidden);
+    CheckRows(*hidden, layout(), block, "adapter");
+    ApplyPlan(it->second, layout(), *hidden, hidden);
   }
 
  private:
@@ -279,9 +280,9 @@ class AdapterBatch : public MethodBatch {
 
 class ParallelAdapterBatch : public MethodBatch {
  public:
-  ParallelAdapterBatch(std::unordered_map<std::string, BlockPlan> plans,
+  ParallelAdapterBatch(int64_t num_rows, std::unordered_map<std::string, BlockPlan> plans,
                        std::unordered_map<std::string, std::vector<std::string>> blocks_reading)
-      : plans_(std::move(plans)), blocks_reading_(std::move(blocks_reading)) {}
+      : MethodBatch(num_rows), plans_(std::move(plans)), blocks_reading_(std::move(blocks_reading)) {}
 
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
     auto it = blocks_reading_.find(module.name);
@@ -297,7 +298,8 @@ class ParallelAdapterBatch : public MethodBatch {
     const at::Tensor input = std::move(cap->second);
     captured_.erase(cap);
     if (input.dim() != hidden->dim() || input.size(0) != hidden->size(0) || input.size(-1) != it->second.in) return;
-    ApplyPlan(it->second, input, hidden);
+    CheckRows(*hidden, layout(), block, "parallel_adapter");
+    ApplyPlan(it->second, layout(), input, hidden);
   }
 
  private:
@@ -316,7 +318,7 @@ absl::StatusOr<std::unique_ptr<Method>> CreateAdapter(MethodSpec spec, const mod
 absl::StatusOr<std::unique_ptr<MethodBatch>> MakeAdapterBatch(const std::vector<const Method*>& rows,
                                                               const model::Model& model) {
   DS_ASSIGN_OR_RETURN(auto plans, PlanBlocks(rows, model, MethodKind::kAdapter));
-  return std::unique_ptr<MethodBatch>(new AdapterBatch(std::move(plans)));
+  return std::unique_ptr<MethodBatch>(new AdapterBatch(static_cast<int64_t>(rows.size()), std::move(plans)));
 }
 
 absl::StatusOr<std::unique_ptr<Method>> CreateParallelAdapter(MethodSpec spec, const model::Model& model,
@@ -335,7 +337,8 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeParallelAdapterBatch(const std:
     }
     blocks_reading[info->sublayer_input].push_back(block);
   }
-  return std::unique_ptr<MethodBatch>(new ParallelAdapterBatch(std::move(plans), std::move(blocks_reading)));
+  return std::unique_ptr<MethodBatch>(
+      new ParallelAdapterBatch(static_cast<int64_t>(rows.size()), std::move(plans), std::move(blocks_reading)));
 }
 
 }  // namespace delta

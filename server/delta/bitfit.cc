@@ -52,7 +52,7 @@ class BitFitMethod : public Method {
 
 class BitFitBatch : public MethodBatch {
  public:
-  explicit BitFitBatch(int64_t num_rows) : num_rows_(num_rows) {}
+  explicit BitFitBatch(int64_t num_rows) : MethodBatch(num_rows) {}
 
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
     Add(module, output, /*writable=*/true);  // linear outputs may be updated in place (model.h)
@@ -68,11 +68,9 @@ class BitFitBatch : public MethodBatch {
   void Add(const model::ModuleInfo& module, at::Tensor* output, bool writable) {
     auto it = biases_.find(module.name);
     if (it == biases_.end()) return;
-    CheckRows(*output, num_rows_, module, "bitfit");
-    ApplyRowVectors(it->second, /*multiply=*/false, writable, output);
+    CheckRows(*output, layout(), module, "bitfit");
+    ApplyRowVectors(it->second, layout(), /*multiply=*/false, writable, output);
   }
-
-  const int64_t num_rows_;
 };
 
 }  // namespace

@@ -31,6 +31,10 @@ int64_t DeltaBatch::LeadingVirtualTokens(int64_t row) const {
   return n;
 }
 
+void DeltaBatch::OnTokenLayout(const model::TokenLayout& layout) {
+  for (const auto& b : batches_) b->OnTokenLayout(layout);
+}
+
 void DeltaBatch::OnTokenEmbeddings(at::Tensor* hidden, at::Tensor* mask) {
   for (const auto& b : batches_) b->OnTokenEmbeddings(hidden, mask);
 }

@@ -28,6 +28,8 @@ class DeltaBatch : public model::ForwardHooks {
   // Positions at the start of row `row`'s output that are soft (prompt) tokens, not the caller's.
   int64_t LeadingVirtualTokens(int64_t row) const;
 
+  bool SupportsPackedTokens() const override { return true; }  // every MethodBatch does
+  void OnTokenLayout(const model::TokenLayout& layout) override;
   void OnTokenEmbeddings(at::Tensor* hidden, at::Tensor* mask) override;
   void OnLinearInput(const model::ModuleInfo& module, at::Tensor* input) override;
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override;

@@ -79,7 +79,7 @@ class Ia3Method : public Method {
 
 class Ia3Batch : public MethodBatch {
  public:
-  explicit Ia3Batch(int64_t num_rows) : num_rows_(num_rows) {}
+  explicit Ia3Batch(int64_t num_rows) : MethodBatch(num_rows) {}
 
   void OnLinearInput(const model::ModuleInfo& module, at::Tensor* input) override {
     Scale(input_scales_, module, input, Exclusive(*input));
@@ -96,11 +96,9 @@ class Ia3Batch : public MethodBatch {
              at::Tensor* t, bool writable) {
     auto it = scales.find(module.name);
     if (it == scales.end()) return;
-    CheckRows(*t, num_rows_, module, "ia3");
-    ApplyRowVectors(it->second, /*multiply=*/true, writable, t);
+    CheckRows(*t, layout(), module, "ia3");
+    ApplyRowVectors(it->second, layout(), /*multiply=*/true, writable, t);
   }
-
-  const int64_t num_rows_;
 };
 
 }  // namespace

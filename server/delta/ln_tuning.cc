@@ -54,29 +54,50 @@ class LnTuningBatch : public MethodBatch {
  public:
   struct ModuleDelta {
     at::Tensor rows;  // [B'] int64: the rows that carry a delta here; undefined when all do
+    std::vector<int64_t> row_ids;  // the same rows, on the host
     at::Tensor gain;  // [B', d]
     at::Tensor bias;  // [B', d]
     double eps = 0;
   };
 
-  explicit LnTuningBatch(int64_t num_rows) : num_rows_(num_rows) {}
+  explicit LnTuningBatch(int64_t num_rows) : MethodBatch(num_rows) {}
 
   void OnLayerNorm(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
     auto it = modules_.find(module.name);
     if (it == modules_.end()) return;
     const ModuleDelta& d = it->second;
-    CheckRows(input, num_rows_, module, "ln_tuning");
-    CheckRows(*output, num_rows_, module, "ln_tuning");
+    const model::TokenLayout& layout = this->layout();
+    CheckRows(input, layout, module, "ln_tuning");
+    CheckRows(*output, layout, module, "ln_tuning");
     const int64_t width = input.size(-1);
-    at::Tensor x = d.rows.defined() ? input.index_select(0, d.rows) : input;
+    // `index`: what carries a delta here along the first dimension (rows padded, their tokens packed);
+    // undefined when everything does. gain / bias: one per row of `x`, or per token packed.
+    at::Tensor index = d.rows, gain = d.gain, bias = d.bias;
+    if (layout.packed() && d.rows.defined()) {
+      std::vector<int64_t> tokens, owner;  // each carrying token and the entry of its row in d.gain / d.bias
+      for (size_t j = 0; j < d.row_ids.size(); ++j) {
+        for (int64_t t = layout.offset(d.row_ids[j]); t < layout.offset(d.row_ids[j] + 1); ++t) {
+          tokens.push_back(t);
+          owner.push_back(static_cast<int64_t>(j));
+        }
+      }
+      index = IndexTensor(tokens, input.device());
+      const at::Tensor entries = IndexTensor(owner, input.device());
+      gain = gain.index_select(0, entries);
+      bias = bias.index_select(0, entries);
+    } else {
+      gain = layout.PerRow(gain, input);
+      bias = layout.PerRow(bias, input);
+    }
+    at::Tensor x = index.defined() ? input.index_select(0, index) : input;
     at::Tensor normalized = at::layer_norm(x, {width}, {}, {}, d.eps);
-    at::Tensor delta = normalized.mul(BroadcastRows(d.gain, x)).add(BroadcastRows(d.bias, x));
+    at::Tensor delta = normalized.mul(gain).add(bias);
     const bool in_place = Exclusive(*output);
-    if (d.rows.defined()) {
+    if (index.defined()) {
       if (in_place) {
-        output->index_add_(0, d.rows, delta);
+        output->index_add_(0, index, delta);
       } else {
-        *output = output->index_add(0, d.rows, delta);
+        *output = output->index_add(0, index, delta);
       }
     } else if (in_place) {
       output->add_(delta);
@@ -86,9 +107,6 @@ class LnTuningBatch : public MethodBatch {
   }
 
   std::unordered_map<std::string, ModuleDelta> modules_;
-
- private:
-  const int64_t num_rows_;
 };
 
 }  // namespace
@@ -163,6 +181,7 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakeLnTuningBatch(const std::vector
             at::Tensor& index = row_tensors[row_ids];
             if (!index.defined()) index = IndexTensor(row_ids, device);
             d.rows = index;
+            d.row_ids = row_ids;
           }
           d.eps = eps[name];
           batch->modules_.emplace(name, std::move(d));

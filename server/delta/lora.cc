@@ -61,31 +61,27 @@ class LoraBatch : public MethodBatch {
     const LoraMethod::Target* factors = nullptr;
   };
 
-  explicit LoraBatch(int64_t num_rows) : num_rows_(num_rows) {}
+  explicit LoraBatch(int64_t num_rows) : MethodBatch(num_rows) {}
 
   void OnLinear(const model::ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
     auto it = modules_.find(module.name);
     if (it == modules_.end()) return;
-    CheckRows(input, num_rows_, module, "lora");
-    CheckRows(*output, num_rows_, module, "lora");
-    const int64_t in = input.size(-1), out = output->size(-1);
-    const at::Tensor x = input.reshape({num_rows_, -1, in}).contiguous();  // [B, N, in]
-    // The model lets hooks update outputs in place, also a fused projection's slice (model.h): its rows are
-    // [N, out] matrices with a row stride BLAS takes as it is.
-    at::Tensor y = output->view({num_rows_, -1, out});  // [B, N, out]
-    // y[rows] += (x[rows] A^T) (s B)^T for one segment; rows are contiguous in both.
+    const model::TokenLayout& rows = layout();
+    CheckRows(input, rows, module, "lora");
+    CheckRows(*output, rows, module, "lora");
+    const at::Tensor x = input.contiguous();
+    // The model lets hooks update outputs in place, also a fused projection's slice (model.h): a segment's
+    // tokens are a [tokens, out] matrix with a row stride BLAS takes as it is.
+    // y[segment] += (x[segment] A^T) (s B)^T; a segment's tokens are contiguous in both.
     auto apply = [&](const Segment& s) {
-      const at::Tensor xs = x.narrow(0, s.first, s.count).view({-1, in});
-      y.narrow(0, s.first, s.count).view({-1, out}).addmm_(at::mm(xs, s.factors->a_t), s.factors->b_t);
+      rows.Rows(*output, s.first, s.count)
+          .addmm_(at::mm(rows.Rows(x, s.first, s.count), s.factors->a_t), s.factors->b_t);
     };
-    ForEachSegmentPiece(it->second, num_rows_, apply);
+    ForEachSegmentPiece(it->second, rows.rows(), apply);
   }
 
   // Module name -> the segments of the rows that carry a LoRA there, in row order.
   std::unordered_map<std::string, std::vector<Segment>> modules_;
-
- private:
-  const int64_t num_rows_;
 };
 
 }  // namespace

@@ -87,12 +87,25 @@ class Method {
   virtual int64_t bytes() const = 0;
 };
 
-// The per-batch application of one kind. Hooks follow model::ForwardHooks; rows are the batch rows.
+// The per-batch application of one kind. Hooks follow model::ForwardHooks; rows are the batch rows. Every kind
+// handles both token layouts (model::TokenLayout): per-token hook tensors are [B, T, ...] or, when the model
+// packs the batch, [N, ...].
 class MethodBatch : public model::ForwardHooks {
  public:
   // How many positions at the start of row `row`'s output sequence are not the caller's tokens (prompt
   // tuning's soft tokens); 0 for every other kind.
   virtual int64_t LeadingVirtualTokens(int64_t row) const { return 0; }
+
+  bool SupportsPackedTokens() const override { return true; }
+  void OnTokenLayout(const model::TokenLayout& layout) override { layout_ = layout; }
+
+ protected:
+  explicit MethodBatch(int64_t num_rows) : layout_(model::TokenLayout::Padded(num_rows)) {}
+  // The layout of the per-token tensors the hooks get now (padded until the model says otherwise).
+  const model::TokenLayout& layout() const { return layout_; }
+
+ private:
+  model::TokenLayout layout_;
 };
 
 // Validates `spec` against `model` and builds the method with its tensors on the model's device and dtype.

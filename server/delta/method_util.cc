@@ -174,20 +174,14 @@ at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device)
   return t.to(device);
 }
 
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind) {
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == rows, kind, " batch of ", rows, " rows got a tensor of shape ",
-              t.sizes(), " at ", module.name);
+void CheckRows(const at::Tensor& t, const model::TokenLayout& layout, const model::ModuleInfo& module,
+               const char* kind) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) == layout.leading(), kind, " batch of ", layout.rows(), " rows",
+              layout.packed() ? " packed" : "", " got a tensor of shape ", t.sizes(), " at ", module.name);
 }
 
 bool Exclusive(const at::Tensor& t) {
   return t.use_count() == 1 && t.storage().use_count() == 1 && t.is_contiguous();
-}
-
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like) {
-  std::vector<int64_t> shape(like.dim(), 1);
-  shape.front() = v.size(0);
-  shape.back() = v.size(1);
-  return v.view(shape);
 }
 
 RowVectors PlanRowVectors(const std::vector<at::Tensor>& per_row, double identity) {
@@ -232,9 +226,10 @@ RowVectors PlanRowVectors(const std::vector<at::Tensor>& per_row, double identit
   return plan;
 }
 
-void ApplyRowVectors(const RowVectors& plan, bool multiply, bool writable, at::Tensor* t) {
+void ApplyRowVectors(const RowVectors& plan, const model::TokenLayout& layout, bool multiply, bool writable,
+                     at::Tensor* t) {
   if (plan.dense.defined()) {
-    const at::Tensor v = BroadcastRows(plan.dense, *t);
+    const at::Tensor v = layout.PerRow(plan.dense, *t);
     if (writable) {
       multiply ? t->mul_(v) : t->add_(v);
     } else {
@@ -245,7 +240,7 @@ void ApplyRowVectors(const RowVectors& plan, bool multiply, bool writable, at::T
   if (plan.segments.empty()) return;
   if (!writable) *t = t->clone(at::MemoryFormat::Contiguous);
   for (const RowVectors::Segment& s : plan.segments) {
-    at::Tensor rows = t->narrow(0, s.first, s.count);
+    at::Tensor rows = layout.Rows(*t, s.first, s.count);
     multiply ? rows.mul_(s.vector) : rows.add_(s.vector);
   }
 }

@@ -80,9 +80,10 @@ std::string ModelKey(const model::Model& model);
 // `v` as a 1-D int64 tensor on `device` (row or entry indices for index_select / index_add / index_copy).
 at::Tensor IndexTensor(const std::vector<int64_t>& v, const c10::Device& device);
 
-// Checks that a hook's tensor has `rows` rows (a mismatch is a caller bug: it throws, and the model's forward
-// turns the throw into an INTERNAL status). `kind` names the method in the message.
-void CheckRows(const at::Tensor& t, int64_t rows, const model::ModuleInfo& module, const char* kind);
+// Checks that a hook's per-token tensor fits `layout` (B rows padded, N tokens packed; a mismatch is a caller
+// bug: it throws, and the model's forward turns the throw into an INTERNAL status). `kind` names the method.
+void CheckRows(const at::Tensor& t, const model::TokenLayout& layout, const model::ModuleInfo& module,
+               const char* kind);
 
 // True when nothing but `t` can observe its values (tensor and storage referenced once, e.g. a fresh linear
 // output) and it is contiguous: then updating it in place equals assigning a new tensor, without allocating one.
@@ -109,7 +110,9 @@ struct RowVectors {
 RowVectors PlanRowVectors(const std::vector<at::Tensor>& per_row, double identity);
 
 // *t + plan (multiply = false) or *t * plan (multiply = true), in place when `writable`, else into a new tensor.
-void ApplyRowVectors(const RowVectors& plan, bool multiply, bool writable, at::Tensor* t);
+// `*t` is a per-token hook tensor in `layout`.
+void ApplyRowVectors(const RowVectors& plan, const model::TokenLayout& layout, bool multiply, bool writable,
+                     at::Tensor* t);
 
 // Runs fn(piece) for every segment of `segments` on the intra-op threads. A segment is anything with int64_t
 // `first` and `count`: consecutive batch rows that carry the same delta at a module. Segments longer than an equal
@@ -137,9 +140,6 @@ void ForEachSegmentPiece(const std::vector<Segment>& segments, int64_t num_rows,
     for (int64_t i = begin; i < end; ++i) fn(pieces[i]);
   });
 }
-
-// `v` ([B, n] or [1, n]) viewed so that it broadcasts against `like` ([B, ..., n]).
-at::Tensor BroadcastRows(const at::Tensor& v, const at::Tensor& like);
 
 }  // namespace delta
 }  // namespace deltaserve

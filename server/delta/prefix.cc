@@ -59,7 +59,8 @@ struct AttentionPlan {
 
 class PrefixBatch : public MethodBatch {
  public:
-  explicit PrefixBatch(std::unordered_map<std::string, AttentionPlan> plans) : plans_(std::move(plans)) {}
+  PrefixBatch(int64_t num_rows, std::unordered_map<std::string, AttentionPlan> plans)
+      : MethodBatch(num_rows), plans_(std::move(plans)) {}
 
   void OnAttentionKeyValue(const model::ModuleInfo& attention, at::Tensor* keys, at::Tensor* values,
                            at::Tensor* key_mask) override {
@@ -197,7 +198,7 @@ absl::StatusOr<std::unique_ptr<MethodBatch>> MakePrefixBatch(const std::vector<c
         }
       },
       "planning a prefix batch"));
-  return std::unique_ptr<MethodBatch>(new PrefixBatch(std::move(plans)));
+  return std::unique_ptr<MethodBatch>(new PrefixBatch(static_cast<int64_t>(rows.size()), std::move(plans)));
 }
 
 }  // namespace delta

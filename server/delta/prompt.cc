@@ -46,7 +46,10 @@ class PromptMethod : public Method {
 class PromptBatch : public MethodBatch {
  public:
   PromptBatch(std::vector<int64_t> lengths, std::vector<int64_t> offsets, at::Tensor soft)
-      : lengths_(std::move(lengths)), offsets_(std::move(offsets)), soft_(std::move(soft)) {}
+      : MethodBatch(static_cast<int64_t>(lengths.size())),
+        lengths_(std::move(lengths)),
+        offsets_(std::move(offsets)),
+        soft_(std::move(soft)) {}
 
   int64_t LeadingVirtualTokens(int64_t row) const override {
     return row >= 0 && row < static_cast<int64_t>(lengths_.size()) ? lengths_[row] : 0;

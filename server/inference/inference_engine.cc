@@ -292,11 +292,13 @@ absl::StatusOr<ClassifyResponse> InferenceEngine::Classify(const ClassifyRequest
 
 absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows) {
   // Rows of very different (effective) lengths waste compute on padding: run them as length-sorted passes whose
-  // padded tokens stay within max_padding_ratio of their real ones. Rows whose packs add soft tokens (prompt
-  // tuning) run apart from rows without, which would otherwise all be padded by those tokens.
+  // padded tokens stay within max_padding_ratio of their real ones. Unpacked, rows whose packs add soft tokens
+  // (prompt tuning) run apart from rows without, which would otherwise all be padded by those tokens; packed,
+  // padding costs attention only, and the threshold is packed_max_padding_ratio.
+  const double ratio = options_.pack_tokens ? options_.packed_max_padding_ratio : options_.max_padding_ratio;
   std::vector<int64_t> lengths(rows.size());
   std::vector<int> groups;
-  if (options_.max_padding_ratio > 0) groups.resize(rows.size());
+  if (!options_.pack_tokens && ratio > 0) groups.resize(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
     const batching::RowInput& input = *rows[i].input;
     const int64_t added = input.delta ? input.delta->added_tokens() : 0;
@@ -304,7 +306,7 @@ absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows
     if (!groups.empty()) groups[i] = added > 0 ? 1 : 0;
   }
   const std::vector<std::vector<size_t>> passes =
-      batching::PlanForwardPasses(lengths, options_.max_padding_ratio, groups);
+      batching::PlanForwardPasses(lengths, ratio, groups);
   if (passes.size() == 1 && passes[0].size() == rows.size()) return RunForward(rows);
   for (const std::vector<size_t>& pass : passes) {
     std::vector<batching::BatchRow> subset;
@@ -353,16 +355,18 @@ absl::StatusOr<model::ForwardOutput> InferenceEngine::RunMerged(const delta::Del
 
 absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> rows) {
   const int64_t b = static_cast<int64_t>(rows.size());
-  int64_t t = 0;
+  int64_t t = 0, real_tokens = 0;
   std::vector<const delta::DeltaPack*> packs(rows.size(), nullptr);
   bool any_delta = false;
   for (size_t i = 0; i < rows.size(); ++i) {
     t = std::max<int64_t>(t, rows[i].input->ids.size());
+    real_tokens += static_cast<int64_t>(rows[i].input->ids.size());
     packs[i] = rows[i].input->delta.get();
     any_delta = any_delta || packs[i] != nullptr;
   }
 
   model::ForwardInput input;
+  input.pack_tokens = options_.pack_tokens;
   DS_RETURN_IF_ERROR(TorchCallVoid(
       [&] {
         c10::InferenceMode guard;
@@ -380,7 +384,8 @@ absl::Status InferenceEngine::RunForward(absl::Span<const batching::BatchRow> ro
 
   std::unique_ptr<delta::DeltaBatch> hooks;
   model::ForwardOutput output;
-  if (const delta::DeltaPack* pack = MergeCandidate(packs, b * t)) {
+  // The hooks' cost grows with the tokens the layers run on: the real ones packed, rows x longest padded.
+  if (const delta::DeltaPack* pack = MergeCandidate(packs, options_.pack_tokens ? real_tokens : b * t)) {
     DS_ASSIGN_OR_RETURN(output, RunMerged(*pack, input));
   } else {
     if (any_delta) {

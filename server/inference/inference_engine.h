@@ -124,10 +124,18 @@ class InferenceEngine {
     int64_t max_sequence_length = 0;
     // What Truncation::kDefault means: true = cut over-long inputs, false = INVALID_ARGUMENT.
     bool truncate_by_default = true;
-    // A batch whose padded tokens exceed this multiple of its real tokens runs as length-sorted sub-batches
-    // (fewer wasted FLOPs on padding, a few more forward calls), and rows whose packs add soft tokens (prompt
-    // tuning) run apart from rows without; 0 = always one forward per batch.
+    // Packed batches (model::ForwardInput::pack_tokens): the per-token layers (every linear, layer norm and
+    // their deltas: nearly all the FLOPs) run on the real tokens only, so rows of different lengths, and rows
+    // whose packs add soft tokens (prompt tuning), share one forward pass at little cost; only attention still
+    // spans the longest row. false: every pass is padded to its longest row.
+    bool pack_tokens = true;
+    // Unpacked (pack_tokens false): a batch whose padded tokens exceed this multiple of its real tokens runs as
+    // length-sorted sub-batches (fewer wasted FLOPs on padding, a few more forward calls), and rows whose packs
+    // add soft tokens run apart from rows without; 0 = always one forward per batch.
     double max_padding_ratio = 1.5;
+    // Packed: the same split, for batches whose padding would make attention dear (rows x longest row above
+    // this multiple of the real tokens); 0 = always one forward per batch.
+    double packed_max_padding_ratio = 4.0;
     // Merge mode (delta::MergedPack): a forward pass whose rows all carry the same pack, made only of methods that
     // fold into the weights (lora, bitfit, ln_tuning, ia3), runs as merge -> plain forward -> restore when its
     // padded tokens (rows x longest row) reach merge_break_even x delta::MergeBreakEvenTokens(pack): the size

@@ -75,7 +75,8 @@ ServerMetrics::ServerMetrics()
                    .Add({})),
       padded_tokens_(prometheus::BuildCounter()
                          .Name("deltaserve_batch_padded_tokens_total")
-                         .Help("Padded tokens computed; compare with deltaserve_batch_real_tokens_total.")
+                         .Help("Padded tokens of the batches (rows x longest row; a packed pass computes only the real ones); "
+                               "compare with deltaserve_batch_real_tokens_total.")
                          .Register(*registry_)
                          .Add({})),
       real_tokens_(prometheus::BuildCounter()

@@ -1,5 +1,8 @@
 #include "server/model/model.h"
 
+#include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/zeros.h>
+
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
 #include "server/common/torch_status.h"
@@ -21,6 +24,72 @@ const char* ModuleKindName(ModuleKind kind) {
       return "block_output";
   }
   return "unknown";
+}
+
+TokenLayout TokenLayout::Padded(int64_t rows) {
+  TokenLayout layout;
+  layout.rows_ = rows;
+  return layout;
+}
+
+TokenLayout TokenLayout::Packed(const at::Tensor& mask) {
+  TokenLayout layout;
+  layout.packed_ = true;
+  layout.rows_ = mask.size(0);
+  layout.length_ = mask.size(1);
+  layout.token_index_ = mask.reshape({-1}).nonzero().squeeze(1);
+  const at::Tensor counts = mask.sum(1).to(at::kCPU, at::kLong).contiguous();  // [B]
+  const int64_t* c = counts.data_ptr<int64_t>();
+  layout.offsets_.resize(static_cast<size_t>(layout.rows_) + 1, 0);
+  for (int64_t r = 0; r < layout.rows_; ++r) layout.offsets_[r + 1] = layout.offsets_[r] + c[r];
+  layout.row_of_token_ = at::repeat_interleave(counts.to(mask.device()));
+  return layout;
+}
+
+at::Tensor TokenLayout::Rows(const at::Tensor& t, int64_t first, int64_t count) const {
+  if (packed_) return t.narrow(0, offsets_[first], offsets_[first + count] - offsets_[first]);
+  return t.narrow(0, first, count).view({-1, t.size(-1)});
+}
+
+at::Tensor TokenLayout::PerRow(const at::Tensor& v, const at::Tensor& t) const {
+  if (packed_) return v.size(0) == 1 ? v : v.index_select(0, row_of_token_);
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape.front() = v.size(0);
+  shape.back() = v.size(1);
+  return v.view(shape);
+}
+
+at::Tensor TokenLayout::Pack(const at::Tensor& padded) const {
+  std::vector<int64_t> shape = padded.sizes().vec();
+  shape.erase(shape.begin());
+  shape.front() = -1;
+  return padded.reshape(shape).index_select(0, token_index_);
+}
+
+at::Tensor TokenLayout::Unpack(const at::Tensor& packed) const {
+  std::vector<int64_t> shape = packed.sizes().vec();
+  shape.front() = rows_ * length_;
+  at::Tensor out = at::zeros(shape, packed.options());
+  out.index_copy_(0, token_index_, packed);
+  shape.front() = length_;
+  shape.insert(shape.begin(), rows_);
+  return out.view(shape);
+}
+
+void TokenLayout::UnpackSlices(const at::Tensor& fused, const std::vector<at::Tensor*>& slices) const {
+  const int64_t width = fused.size(-1) / static_cast<int64_t>(slices.size());
+  bool views = true;
+  for (size_t i = 0; i < slices.size() && views; ++i) {
+    const at::Tensor& s = *slices[i];
+    views = s.is_alias_of(fused) && s.strides() == fused.strides() && s.size(-1) == width &&
+            s.storage_offset() == fused.storage_offset() + static_cast<int64_t>(i) * width;
+  }
+  if (!views) {
+    for (at::Tensor* s : slices) *s = Unpack(*s);
+    return;
+  }
+  const at::Tensor whole = Unpack(fused);
+  for (size_t i = 0; i < slices.size(); ++i) *slices[i] = whole.narrow(-1, static_cast<int64_t>(i) * width, width);
 }
 
 absl::Status ValidateForwardInput(const ForwardInput& input, int64_t vocab_size, int64_t max_sequence_length) {

@@ -14,7 +14,8 @@
 //
 // Hook points. Forward() calls `hooks` (when non-null) at fixed points; with hooks == nullptr it runs the plain
 // forward and pays nothing for them. Each hook sees the whole batch; a hook that applies per-row deltas knows which
-// row carries which delta. Shapes: B rows, T tokens, H hidden, NH heads, DH head dim.
+// row carries which delta. Shapes: B rows, T tokens, H hidden, NH heads, DH head dim; in a packed forward
+// (ForwardInput::pack_tokens, TokenLayout) the per-token hook tensors are [N, ...] over the N real tokens instead.
 #ifndef DELTASERVE_SERVER_MODEL_MODEL_H_
 #define DELTASERVE_SERVER_MODEL_MODEL_H_
 
@@ -64,11 +65,67 @@ struct ModuleInfo {
   std::string sublayer_input;
 };
 
+// Where a batch's rows sit in the per-token tensors that the OnLinearInput, OnLinear, OnLayerNorm and
+// OnBlockOutput hooks see. Padded (what hooks see unless told otherwise): [B, T, ...], row r is t[r], its padding
+// included. Packed: [N, ...], the real tokens of every row back to back and no padding, row r's at
+// [offset(r), offset(r + 1)). A model that packs announces the layout through ForwardHooks::OnTokenLayout; tensors
+// with one value per row (a pooler's [B, D] input and output) are padded with T = 1.
+//
+// A value type, cheap to copy (its index tensors are shared); immutable, so thread-safe.
+class TokenLayout {
+ public:
+  // The padded layout of a batch of `rows` rows.
+  static TokenLayout Padded(int64_t rows);
+  // The packed layout of the real tokens of `mask` ([B,T] bool, any device; true = real token, holes allowed).
+  static TokenLayout Packed(const at::Tensor& mask);
+
+  bool packed() const { return packed_; }
+  int64_t rows() const { return rows_; }
+  // Packed: N, the real tokens of all rows.
+  int64_t tokens() const { return packed_ ? offsets_.back() : 0; }
+  // Packed: where row `row`'s tokens start (row == rows(): N).
+  int64_t offset(int64_t row) const { return offsets_[row]; }
+  // The size of a hook tensor's first dimension in this layout: B (padded) or N (packed).
+  int64_t leading() const { return packed_ ? tokens() : rows_; }
+
+  // Rows [first, first + count) of hook tensor `t` as a 2-D [tokens, t.size(-1)] view (padded: with their
+  // padding). Writes through the view reach `t`.
+  at::Tensor Rows(const at::Tensor& t, int64_t first, int64_t count) const;
+  // `v` ([B, n]: one vector per row, or [1, n]: one for all) arranged to broadcast against hook tensor `t`
+  // ([B, ..., n] padded, [N, n] packed).
+  at::Tensor PerRow(const at::Tensor& v, const at::Tensor& t) const;
+
+  // For models. REQUIRES: packed(); `padded` is [B, T, ...] with the mask's B and T, `packed` [N, ...].
+  at::Tensor Pack(const at::Tensor& padded) const;     // -> [N, ...]
+  at::Tensor Unpack(const at::Tensor& packed) const;   // -> [B, T, ...], zeros at padding
+  // Unpack() of each of `slices`, the equal-width slices of a fused projection's packed output `fused` ([N, k x w],
+  // e.g. query / key / value): one copy of `fused` when every slice is still the view of its place in it, else
+  // one per slice (a hook replaced it).
+  void UnpackSlices(const at::Tensor& fused, const std::vector<at::Tensor*>& slices) const;
+
+ private:
+  bool packed_ = false;
+  int64_t rows_ = 0;
+  int64_t length_ = 0;            // packed: T of the mask
+  std::vector<int64_t> offsets_;  // packed: B + 1 token offsets
+  at::Tensor token_index_;        // packed: [N] int64, b * T + t of each real token, in row order
+  at::Tensor row_of_token_;       // packed: [N] int64, the row of each real token
+};
+
 // The forward-pass hook points. Every method has a no-op default; implementations override what they need.
 // All tensors are on the model's device in its compute dtype, except masks (bool).
 class ForwardHooks {
  public:
   virtual ~ForwardHooks() = default;
+
+  // Whether these hooks handle packed per-token tensors (TokenLayout). A model packs a batch only for hooks that
+  // do (and for no hooks at all); others always see the padded layout.
+  virtual bool SupportsPackedTokens() const { return false; }
+
+  // The layout of the per-token tensors passed to every later hook call (until the next OnTokenLayout). Called
+  // only for hooks that support packed tokens, after OnTokenEmbeddings when the model packs the batch, and with
+  // the padded layout again before per-row modules (a pooler).
+  virtual void OnTokenLayout(const TokenLayout& layout) {}
 
   // After the token embedding lookup, before positions (and anything else) are added. `hidden` is [B,T,H],
   // `mask` [B,T] (true = real token). Prompt tuning splices soft tokens here and may change T and the mask; the
@@ -106,6 +163,10 @@ class ForwardHooks {
 struct ForwardInput {
   at::Tensor input_ids;       // [B,T] int64; padding positions hold any valid id
   at::Tensor attention_mask;  // [B,T] bool; true = real token. Every row has at least one real token.
+  // Forward() (not ForwardTrainable) may run the per-token layers on the real tokens only (TokenLayout::Packed:
+  // no compute spent on padding; attention still sees [B,T]), when the hooks support it and the batch has
+  // padding. Outputs are the same either way (within float rounding).
+  bool pack_tokens = false;
 };
 
 struct ForwardOutput {

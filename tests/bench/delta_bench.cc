@@ -61,7 +61,10 @@ ABSL_FLAG(int, threads, 0, "Intra-op threads (0 = every core).");
 ABSL_FLAG(std::string, clock, "wall",
           "wall, or cpu: the process's CPU time, steadier on a shared machine but only meaningful with --threads=1 "
           "(idle OpenMP threads spin).");
-ABSL_FLAG(double, max_padding_ratio, 1.5, "The server's length-split threshold (--max_padding_ratio).");
+ABSL_FLAG(bool, pack_tokens, true, "Run batches packed, as the server does by default (--pack_tokens).");
+ABSL_FLAG(double, max_padding_ratio, 1.5, "The server's length-split threshold unpacked (--max_padding_ratio).");
+ABSL_FLAG(double, packed_max_padding_ratio, 4.0,
+          "The server's length-split threshold packed (--packed_max_padding_ratio).");
 ABSL_FLAG(bool, per_method, true, "Also measure each method alone (every row a different pack of that kind).");
 ABSL_FLAG(int, rounds, 6, "Rounds per measurement: each path runs --seconds / rounds per round; medians are reported.");
 ABSL_FLAG(int, p2_tasks, 32, "P2: distinct tasks (one row each) served mixed in batches of B vs merged per task.");
@@ -143,6 +146,8 @@ class TimedHooks : public ds::model::ForwardHooks {
                                                       "key_value", "block_output"};
   TimedHooks(ds::model::ForwardHooks* inner, double* seconds) : inner_(inner), seconds_(seconds) {}
 
+  bool SupportsPackedTokens() const override { return inner_->SupportsPackedTokens(); }
+  void OnTokenLayout(const ds::model::TokenLayout& layout) override { inner_->OnTokenLayout(layout); }
   void OnTokenEmbeddings(at::Tensor* hidden, at::Tensor* mask) override {
     Timed(kEmbeddings, [&] { inner_->OnTokenEmbeddings(hidden, mask); });
   }
@@ -499,9 +504,9 @@ int main(int argc, char** argv) {
     }
     std::printf("| model | batch | base rows/s | P1 mixed LoRA rows/s | P1 ratio | P2 naive rows/s | P2 mixed / naive, "
                 "%d tasks | P2 bound: base / naive | "
-                "P3 all-methods rows/s | P3 ratio | peak activation MB base / P1 / P3 |\n"
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-                absl::GetFlag(FLAGS_p2_tasks));
+                "P3 all-methods rows/s | P3 ratio | P3 ratio %s | peak activation MB base / P1 / P3 |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+                absl::GetFlag(FLAGS_p2_tasks), absl::GetFlag(FLAGS_pack_tokens) ? "unpacked" : "packed");
     for (int batch : batches) {
       ds::model::ForwardInput input;
       input.input_ids = at::randint(5, std::min<int64_t>(model.info().vocab_size, 7000), {batch, len}, at::kLong);
@@ -536,18 +541,20 @@ int main(int argc, char** argv) {
       // As the server runs a batch: planned into length-sorted passes (prompt tokens count), each one forward
       // with every row's pack.
       auto run_rows = [&](const std::vector<const ds::delta::DeltaPack*>& rows, Breakdown* breakdown = nullptr,
-                          const ds::model::ForwardInput* rows_input = nullptr) {
+                          const ds::model::ForwardInput* rows_input = nullptr,
+                          bool pack_tokens = absl::GetFlag(FLAGS_pack_tokens)) {
         const ds::model::ForwardInput& in = rows_input != nullptr ? *rows_input : input;
         const absl::Time call_start = absl::Now();
         std::vector<int64_t> lengths;
-        std::vector<int> groups;  // as InferenceEngine::RunBatch: rows with soft tokens apart
+        std::vector<int> groups;  // as InferenceEngine::RunBatch: unpacked, rows with soft tokens apart
+        const double ratio = pack_tokens ? absl::GetFlag(FLAGS_packed_max_padding_ratio)
+                                         : absl::GetFlag(FLAGS_max_padding_ratio);
         for (const auto* pack : rows) {
           const int64_t added = pack ? pack->added_tokens() : 0;
           lengths.push_back(len + added);
-          if (absl::GetFlag(FLAGS_max_padding_ratio) > 0) groups.push_back(added > 0 ? 1 : 0);
+          if (!pack_tokens && ratio > 0) groups.push_back(added > 0 ? 1 : 0);
         }
-        for (const auto& pass :
-             ds::batching::PlanForwardPasses(lengths, absl::GetFlag(FLAGS_max_padding_ratio), groups)) {
+        for (const auto& pass : ds::batching::PlanForwardPasses(lengths, ratio, groups)) {
           std::vector<const ds::delta::DeltaPack*> pass_rows;
           std::vector<int64_t> index;
           for (size_t i : pass) {
@@ -557,7 +564,8 @@ int main(int argc, char** argv) {
           const bool all = pass.size() == rows.size();
           const at::Tensor idx = at::tensor(index, at::kLong);
           ds::model::ForwardInput sub{all ? in.input_ids : in.input_ids.index_select(0, idx),
-                                      all ? in.attention_mask : in.attention_mask.index_select(0, idx)};
+                                      all ? in.attention_mask : in.attention_mask.index_select(0, idx),
+                                      pack_tokens};
           const absl::Time create_start = absl::Now();
           auto hooks = ds::delta::DeltaBatch::Create(pass_rows, model);
           Check(hooks.status(), "DeltaBatch");
@@ -605,7 +613,7 @@ int main(int argc, char** argv) {
       // Each round measures every path once (secs / rounds each); ratios are taken within a round, and the
       // medians over rounds reported: a burst of load on the shared machine spoils a round, not the figure.
       const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
-      std::vector<double> base_v, p1_v, p2_v, p3_v, r1, r2, r2_bound, r3;
+      std::vector<double> base_v, p1_v, p2_v, p3_v, r1, r2, r2_bound, r3, r3_other;
       for (int round = 0; round < rounds; ++round) {
         const double b = Rate(secs / rounds, run_base) * batch;
         const double m1 = Rate(secs / rounds, [&] { run_rows(lora_rows); }) * batch;
@@ -613,6 +621,10 @@ int main(int argc, char** argv) {
         const double n2 = Rate(secs / rounds, run_naive) * tasks;
         const double b3 = Rate(secs / rounds, run_base) * batch;
         const double m3 = Rate(secs / rounds, [&] { run_rows(mixed_rows); }) * batch;
+        // The other layout (unpacked when the engine packs), side by side.
+        const bool pack = absl::GetFlag(FLAGS_pack_tokens);
+        const double m3_other =
+            Rate(secs / rounds, [&] { run_rows(mixed_rows, nullptr, nullptr, !pack); }) * batch;
         base_v.push_back((b + b3) / 2);
         p1_v.push_back(m1);
         p2_v.push_back(n2);
@@ -621,6 +633,7 @@ int main(int argc, char** argv) {
         r2.push_back(m2 / n2);
         r2_bound.push_back((b + b3) / 2 / n2);
         r3.push_back(m3 / b3);
+        r3_other.push_back(m3_other / b3);
       }
       const double base_mb = PeakActivationMb(run_base);
       const double p1_mb = PeakActivationMb([&] { run_rows(lora_rows); });
@@ -641,10 +654,10 @@ int main(int argc, char** argv) {
         std::printf("|  | breakdown, batch %d: base %s; P1 %s; P3 %s |\n", batch, b0.Format().c_str(),
                     b1.Format().c_str(), b3.Format().c_str());
       }
-      std::printf("| %s | %d | %.1f | %.1f | %s | %.1f | %s | %.2f | %.1f | %s | %.1f / %.1f / %.1f |\n",
+      std::printf("| %s | %d | %.1f | %.1f | %s | %.1f | %s | %.2f | %.1f | %s | %s | %.1f / %.1f / %.1f |\n",
                   std::string(name).c_str(), batch, Median(base_v), Median(p1_v), MedianAndRange(r1, 3).c_str(),
                   Median(p2_v), MedianAndRange(r2, 2).c_str(), Median(r2_bound), Median(p3_v),
-                  MedianAndRange(r3, 3).c_str(), base_mb, p1_mb, p3_mb);
+                  MedianAndRange(r3, 3).c_str(), MedianAndRange(r3_other, 3).c_str(), base_mb, p1_mb, p3_mb);
       std::fflush(stdout);
       if (absl::GetFlag(FLAGS_per_method)) {
         std::string line = absl::StrCat("|  | per method, batch ", batch, ": ");

@@ -173,11 +173,12 @@ std::vector<std::vector<int64_t>> RandomRows(const model::Model& model, int n, i
 }
 
 absl::StatusOr<model::ForwardOutput> RunRows(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
-                                             model::ForwardHooks* hooks) {
+                                             model::ForwardHooks* hooks, bool pack) {
   int64_t t = 0;
   for (const auto& r : rows) t = std::max<int64_t>(t, r.size());
   const int64_t b = static_cast<int64_t>(rows.size());
   model::ForwardInput input;
+  input.pack_tokens = pack;
   input.input_ids = at::zeros({b, t}, at::kLong);
   input.attention_mask = at::zeros({b, t}, at::kBool);
   for (int64_t i = 0; i < b; ++i) {
@@ -201,14 +202,16 @@ absl::StatusOr<double> MaxBatchVsSoloDiff(const model::Model& model, MethodKind 
                                           const std::vector<std::vector<int64_t>>& rows,
                                           const std::vector<const Method*>& methods) {
   c10::InferenceMode guard;
-  DS_ASSIGN_OR_RETURN(std::unique_ptr<MethodBatch> hooks, MakeMethodBatch(kind, methods, model));
-  DS_ASSIGN_OR_RETURN(model::ForwardOutput batch, RunRows(model, rows, hooks.get()));
   double worst = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    DS_ASSIGN_OR_RETURN(std::unique_ptr<MethodBatch> solo_hooks, MakeMethodBatch(kind, {methods[i]}, model));
-    DS_ASSIGN_OR_RETURN(model::ForwardOutput solo, RunRows(model, {rows[i]}, solo_hooks.get()));
-    worst = std::max(worst, RowDiff(batch, static_cast<int64_t>(i), hooks->LeadingVirtualTokens(i), solo,
-                                    solo_hooks->LeadingVirtualTokens(0), static_cast<int64_t>(rows[i].size())));
+  for (bool pack : {false, true}) {
+    DS_ASSIGN_OR_RETURN(std::unique_ptr<MethodBatch> hooks, MakeMethodBatch(kind, methods, model));
+    DS_ASSIGN_OR_RETURN(model::ForwardOutput batch, RunRows(model, rows, hooks.get(), pack));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      DS_ASSIGN_OR_RETURN(std::unique_ptr<MethodBatch> solo_hooks, MakeMethodBatch(kind, {methods[i]}, model));
+      DS_ASSIGN_OR_RETURN(model::ForwardOutput solo, RunRows(model, {rows[i]}, solo_hooks.get()));
+      worst = std::max(worst, RowDiff(batch, static_cast<int64_t>(i), hooks->LeadingVirtualTokens(i), solo,
+                                      solo_hooks->LeadingVirtualTokens(0), static_cast<int64_t>(rows[i].size())));
+    }
   }
   return worst;
 }
@@ -217,16 +220,18 @@ absl::StatusOr<double> MaxPackBatchVsSoloDiff(const model::Model& model,
                                               const std::vector<std::vector<int64_t>>& rows,
                                               const std::vector<const DeltaPack*>& packs) {
   c10::InferenceMode guard;
-  DS_ASSIGN_OR_RETURN(std::unique_ptr<DeltaBatch> hooks, DeltaBatch::Create(packs, model));
-  DS_ASSIGN_OR_RETURN(model::ForwardOutput batch, RunRows(model, rows, hooks.get()));
   double worst = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    DS_ASSIGN_OR_RETURN(std::unique_ptr<DeltaBatch> solo_hooks, DeltaBatch::Create({packs[i]}, model));
-    DS_ASSIGN_OR_RETURN(model::ForwardOutput solo, RunRows(model, {rows[i]}, solo_hooks.get()));
-    const int64_t lead = hooks ? hooks->LeadingVirtualTokens(i) : 0;
-    const int64_t solo_lead = solo_hooks ? solo_hooks->LeadingVirtualTokens(0) : 0;
-    worst = std::max(worst, RowDiff(batch, static_cast<int64_t>(i), lead, solo, solo_lead,
-                                    static_cast<int64_t>(rows[i].size())));
+  for (bool pack : {false, true}) {
+    DS_ASSIGN_OR_RETURN(std::unique_ptr<DeltaBatch> hooks, DeltaBatch::Create(packs, model));
+    DS_ASSIGN_OR_RETURN(model::ForwardOutput batch, RunRows(model, rows, hooks.get(), pack));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      DS_ASSIGN_OR_RETURN(std::unique_ptr<DeltaBatch> solo_hooks, DeltaBatch::Create({packs[i]}, model));
+      DS_ASSIGN_OR_RETURN(model::ForwardOutput solo, RunRows(model, {rows[i]}, solo_hooks.get()));
+      const int64_t lead = hooks ? hooks->LeadingVirtualTokens(i) : 0;
+      const int64_t solo_lead = solo_hooks ? solo_hooks->LeadingVirtualTokens(0) : 0;
+      worst = std::max(worst, RowDiff(batch, static_cast<int64_t>(i), lead, solo, solo_lead,
+                                      static_cast<int64_t>(rows[i].size())));
+    }
   }
   return worst;
 }

@@ -45,13 +45,13 @@ at::Tensor RandomTensor(const std::vector<int64_t>& shape, double scale, uint64_
 std::vector<std::vector<int64_t>> RandomRows(const model::Model& model, int n, int64_t min_len, int64_t max_len,
                                              uint64_t seed);
 
-// One forward pass of `rows` (right-padded) with `hooks` (may be null).
+// One forward pass of `rows` (right-padded) with `hooks` (may be null); `pack`: ForwardInput::pack_tokens.
 absl::StatusOr<model::ForwardOutput> RunRows(const model::Model& model, const std::vector<std::vector<int64_t>>& rows,
-                                             model::ForwardHooks* hooks);
+                                             model::ForwardHooks* hooks, bool pack = false);
 
-// Runs `rows` as one batch where row i carries methods[i] (of `kind`, or nullptr), and each row alone with its
-// method; returns the largest absolute difference between the batched and the solo pooled outputs and per-token
-// states over real tokens (a row's soft prompt positions excluded).
+// Runs `rows` as one batch where row i carries methods[i] (of `kind`, or nullptr), padded and packed
+// (TokenLayout), and each row alone with its method; returns the largest absolute difference between the batched
+// and the solo pooled outputs and per-token states over real tokens (a row's soft prompt positions excluded).
 // Max |a - b| between row `row` of `batch` and row 0 of `solo` (one row alone): over the sentence embedding and
 // the `len` real token states, skipping `batch_lead` / `solo_lead` leading virtual (prompt) positions.
 double RowDiff(const model::ForwardOutput& batch, int64_t row, int64_t batch_lead, const model::ForwardOutput& solo,
@@ -61,7 +61,7 @@ absl::StatusOr<double> MaxBatchVsSoloDiff(const model::Model& model, MethodKind 
                                           const std::vector<std::vector<int64_t>>& rows,
                                           const std::vector<const Method*>& methods);
 
-// The same with whole packs (DeltaBatch), rows[i] carrying packs[i] (or nullptr).
+// The same with whole packs (DeltaBatch), rows[i] carrying packs[i] (or nullptr), padded and packed.
 absl::StatusOr<double> MaxPackBatchVsSoloDiff(const model::Model& model,
                                               const std::vector<std::vector<int64_t>>& rows,
                                               const std::vector<const DeltaPack*>& packs);

@@ -241,7 +241,58 @@ TEST(MergeModeTest, AFailedMergeFailsTheRequestWithAClearStatusAndKeepsTheWeight
   EXPECT_TRUE(engine->Embed(Request("", rows), {}).ok());
 }
 
-TEST(PassPlanningTest, RunsRowsWithSoftTokensApartFromRowsWithout) {
+// Sends a prompt-tuned and a LoRA request of `rows` each at once (one batch of 2 x rows) to an engine with
+// `options` over `model`; returns the rows of each forward pass it ran and, through the pointers, the responses.
+std::vector<int64_t> RunPromptAndLoraTogether(std::shared_ptr<RecordingModel> model,
+                                              const inference::DeltaResolver* resolver,
+                                              InferenceEngine::Options options,
+                                              const std::vector<std::vector<int64_t>>& rows,
+                                              inference::EmbedResponse* prompt_out,
+                                              inference::EmbedResponse* lora_out) {
+  options.merge_break_even = 0;
+  options.batching.max_batch_rows = 2 * static_cast<int>(rows.size());  // the two requests fill one batch
+  options.batching.max_queue_delay = absl::Seconds(30);
+  auto created = InferenceEngine::Create(model, options, nullptr, resolver);
+  EXPECT_TRUE(created.ok()) << created.status();
+  if (!created.ok()) return {};
+  const size_t passes_before = model->pass_rows().size();
+  absl::StatusOr<inference::EmbedResponse> prompt;
+  std::thread other([&] {
+    EmbedRequest request = Request("prompt", rows);
+    request.return_token_embeddings = true;
+    prompt = (*created)->Embed(request, {});
+  });
+  EmbedRequest request = Request("lora", rows);
+  request.return_token_embeddings = true;
+  auto lora = (*created)->Embed(request, {});
+  other.join();
+  EXPECT_TRUE(lora.ok()) << lora.status();
+  EXPECT_TRUE(prompt.ok()) << prompt.status();
+  if (prompt.ok()) *prompt_out = *prompt;
+  if (lora.ok()) *lora_out = *lora;
+  const std::vector<int64_t> all = model->pass_rows();
+  return std::vector<int64_t>(all.begin() + passes_before, all.end());
+}
+
+float MaxResponseDiff(const inference::EmbedResponse& a, const inference::EmbedResponse& b) {
+  EXPECT_EQ(a.results.size(), b.results.size());
+  float worst = 0;
+  for (size_t i = 0; i < a.results.size() && i < b.results.size(); ++i) {
+    const auto& x = a.results[i];
+    const auto& y = b.results[i];
+    EXPECT_EQ(x.embedding.size(), y.embedding.size());
+    EXPECT_EQ(x.token_embeddings.size(), y.token_embeddings.size());
+    for (size_t k = 0; k < x.embedding.size() && k < y.embedding.size(); ++k) {
+      worst = std::max(worst, std::abs(x.embedding[k] - y.embedding[k]));
+    }
+    for (size_t k = 0; k < x.token_embeddings.size() && k < y.token_embeddings.size(); ++k) {
+      worst = std::max(worst, std::abs(x.token_embeddings[k] - y.token_embeddings[k]));
+    }
+  }
+  return worst;
+}
+
+TEST(PassPlanningTest, UnpackedRunsRowsWithSoftTokensApartFromRowsWithout) {
   auto tiny = testing::TinyBert();
   ASSERT_NE(tiny, nullptr);
   auto model = std::make_shared<RecordingModel>(tiny);
@@ -250,27 +301,56 @@ TEST(PassPlanningTest, RunsRowsWithSoftTokensApartFromRowsWithout) {
   for (double ratio : {1.5, 0.0}) {
     SCOPED_TRACE(ratio);
     InferenceEngine::Options options;
+    options.pack_tokens = false;
     options.max_padding_ratio = ratio;  // 0: one forward per batch, whatever the lengths
-    options.merge_break_even = 0;
-    options.batching.max_batch_rows = 8;  // the two requests fill one batch
-    options.batching.max_queue_delay = absl::Seconds(30);
-    auto created = InferenceEngine::Create(model, options, nullptr, &resolver);
-    ASSERT_TRUE(created.ok()) << created.status();
-    const size_t passes_before = model->pass_rows().size();
-    absl::StatusOr<inference::EmbedResponse> prompt;
-    std::thread other([&] { prompt = (*created)->Embed(Request("prompt", rows), {}); });
-    auto lora = (*created)->Embed(Request("lora", rows), {});
-    other.join();
-    ASSERT_TRUE(lora.ok()) << lora.status();
-    ASSERT_TRUE(prompt.ok()) << prompt.status();
-    const std::vector<int64_t> all = model->pass_rows();
-    const std::vector<int64_t> passes(all.begin() + passes_before, all.end());
+    inference::EmbedResponse prompt, lora;
+    const std::vector<int64_t> passes = RunPromptAndLoraTogether(model, &resolver, options, rows, &prompt, &lora);
     if (ratio > 0) {
       EXPECT_THAT(passes, ::testing::ElementsAre(4, 4));
     } else {
       EXPECT_THAT(passes, ::testing::ElementsAre(8));
     }
   }
+}
+
+TEST(PassPlanningTest, PackedRunsRowsOfAnyLengthAndSoftTokensInOnePassWithTheSameResults) {
+  auto tiny = testing::TinyBert();
+  ASSERT_NE(tiny, nullptr);
+  auto model = std::make_shared<RecordingModel>(tiny);
+  FixedResolver resolver({{"prompt", PromptPack(*tiny)}, {"lora", LoraPack(*tiny, 41)}});
+  // Lengths 3..12 and soft tokens: unpacked, the prompt's rows run apart (and long / short rows may split).
+  const auto rows = testing::RandomRows(*tiny, 5, 3, 12, 9);
+  InferenceEngine::Options packed_options;  // pack_tokens is the default
+  ASSERT_TRUE(packed_options.pack_tokens);
+  inference::EmbedResponse packed_prompt, packed_lora;
+  EXPECT_THAT(RunPromptAndLoraTogether(model, &resolver, packed_options, rows, &packed_prompt, &packed_lora),
+              ::testing::ElementsAre(10));
+
+  InferenceEngine::Options padded_options;
+  padded_options.pack_tokens = false;
+  inference::EmbedResponse padded_prompt, padded_lora;
+  EXPECT_GE(RunPromptAndLoraTogether(model, &resolver, padded_options, rows, &padded_prompt, &padded_lora).size(),
+            2u);  // at least the prompt's rows apart
+  EXPECT_LT(MaxResponseDiff(packed_prompt, padded_prompt), 1e-4);
+  EXPECT_LT(MaxResponseDiff(packed_lora, padded_lora), 1e-4);
+  EXPECT_EQ(packed_prompt.results.size(), rows.size());
+}
+
+TEST(PassPlanningTest, PackedStillSplitsBatchesWhoseAttentionPaddingIsExtreme) {
+  auto tiny = testing::TinyBert();
+  ASSERT_NE(tiny, nullptr);
+  auto model = std::make_shared<RecordingModel>(tiny);
+  FixedResolver resolver({{"prompt", PromptPack(*tiny)}, {"lora", LoraPack(*tiny, 42)}});
+  // Seven 1-token rows and one of 30, twice (the prompt's rows 2 tokens longer): rows x longest = 16 x 32 = 512
+  // padded positions for 90 real tokens, over packed_max_padding_ratio (4).
+  std::vector<std::vector<int64_t>> rows = testing::RandomRows(*tiny, 7, 1, 1, 10);
+  rows.push_back(testing::RandomRows(*tiny, 1, 30, 30, 11)[0]);
+  InferenceEngine::Options options;
+  inference::EmbedResponse prompt, lora;
+  const std::vector<int64_t> passes = RunPromptAndLoraTogether(model, &resolver, options, rows, &prompt, &lora);
+  EXPECT_GT(passes.size(), 1u);
+  options.packed_max_padding_ratio = 0;  // never split
+  EXPECT_THAT(RunPromptAndLoraTogether(model, &resolver, options, rows, &prompt, &lora), ::testing::ElementsAre(16));
 }
 
 }  // namespace

@@ -228,9 +228,10 @@ TEST_F(InferenceEngineTest, TokenIdInputsAreCutButGetNoSpecialTokensAdded) {
   EXPECT_THAT(r->results[0].token_ids, ElementsAre(5, 6, 7, 8, 9, 10, 11, 12));
 }
 
-TEST_F(InferenceEngineTest, SplitsABatchOfVeryDifferentLengthsIntoSortedForwardsKeepingOrder) {
+TEST_F(InferenceEngineTest, UnpackedSplitsABatchOfVeryDifferentLengthsIntoSortedForwardsKeepingOrder) {
   auto model = std::make_shared<FakeModel>();
   InferenceEngine::Options options;
+  options.pack_tokens = false;
   options.max_padding_ratio = 1.5;
   auto engine = *InferenceEngine::Create(model, options, nullptr);
   EmbedRequest request;
@@ -248,6 +249,26 @@ TEST_F(InferenceEngineTest, SplitsABatchOfVeryDifferentLengthsIntoSortedForwards
   model->forward_calls = 0;
   ASSERT_TRUE(one_pass->Embed(request, {}).ok());
   EXPECT_EQ(model->forward_calls.load(), 1);
+}
+
+TEST_F(InferenceEngineTest, PackedRunsLengthSkewedRowsInOnePassUnlessAttentionPaddingIsExtreme) {
+  auto model = std::make_shared<FakeModel>();
+  auto engine = *InferenceEngine::Create(model, InferenceEngine::Options(), nullptr);  // packed by default
+  EmbedRequest request;
+  request.token_ids = {{5, 6, 7, 8, 9, 10, 11, 12}, {3}, {4, 4, 4, 4, 4, 4, 4}, {9}};  // 4 x 8 = 1.9 x 17 real
+  auto r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(model->forward_calls.load(), 1);
+  EXPECT_THAT(r->results[0].embedding, ElementsAre(68, 8));
+  EXPECT_THAT(r->results[1].embedding, ElementsAre(3, 1));
+  // Eight 1-token rows and one of 8 (the fake model's longest): 9 x 8 = 72 padded positions, over 4 x 16 real.
+  request.token_ids.assign(8, {3});
+  request.token_ids.push_back(std::vector<int64_t>(8, 4));
+  model->forward_calls = 0;
+  r = engine->Embed(request, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(model->forward_calls.load(), 2);
+  EXPECT_THAT(r->results[8].embedding, ElementsAre(32, 8));
 }
 
 TEST_F(InferenceEngineTest, AnswersUnavailableAfterStop) {

@@ -690,6 +690,16 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
   // Trainable: the row taken now, so that it tracks a token-type table that requires grad.
   x = x + (trainable ? token_type_embeddings_.select(0, 0) : token_type_row0_);
   x = x + at::embedding(position_embeddings_, positions);
+  // Packed: the per-token layers run on the real tokens only ([N, ...]); attention unpacks to [B, T, ...].
+  const int64_t T = x.size(1);
+  const bool pack = !trainable && input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
+                    B > 1 && !mask.all().item<bool>();
+  TokenLayout layout = TokenLayout::Padded(B);
+  if (pack) {
+    layout = TokenLayout::Packed(mask);
+    x = layout.Pack(x);
+  }
+  if (hooks != nullptr && hooks->SupportsPackedTokens()) hooks->OnTokenLayout(layout);
   {
     at::Tensor pre = x;
     x = at::layer_norm(pre, {E}, embeddings_norm_.weight, embeddings_norm_.bias, c.layer_norm_eps);
@@ -704,7 +714,6 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
   const at::Tensor shared_mask = hooks == nullptr ? AttentionMask(mask) : at::Tensor();
 
   for (const LayerWeights& L : layers_) {
-    const int64_t T = x.size(1);
     at::Tensor qkv_w = L.qkv_weight, qkv_b = L.qkv_bias;
     if (trainable) {
       // A caller training the weights themselves set requires_grad on the query/key/value views: fuse those, so
@@ -725,9 +734,13 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
       hooks->OnLinear(modules_[L.key], x, &k);
       hooks->OnLinear(modules_[L.value], x, &v);
     }
-    q = q.reshape({B, T, NH, DH}).transpose(1, 2);  // [B,NH,T,DH]
-    k = k.reshape({B, T, NH, DH}).transpose(1, 2);
-    v = v.reshape({B, T, NH, DH}).transpose(1, 2);
+    if (pack) layout.UnpackSlices(qkv, {&q, &k, &v});
+    auto split_heads = [&](const at::Tensor& t) {
+      return t.reshape({B, T, NH, DH}).transpose(1, 2);  // [B,NH,T,DH]
+    };
+    q = split_heads(q);
+    k = split_heads(k);
+    v = split_heads(v);
     at::Tensor add_mask = shared_mask;
     if (hooks != nullptr) {
       at::Tensor key_mask = mask;
@@ -753,6 +766,7 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
     }
     at::Tensor probs = at::softmax(scores, -1);
     at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({B, T, H});
+    if (pack) context = layout.Pack(context);
     if (hooks != nullptr) hooks->OnLinearInput(modules_[L.attention_output.module], &context);
 
     at::Tensor attn = at::linear(context, L.attention_output.weight, L.attention_output.bias);
@@ -780,7 +794,7 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
     if (hooks != nullptr) hooks->OnLayerNorm(modules_[L.output_norm.module], pre, &x);
   }
 
-  at::Tensor hidden = x.to(at::kFloat);
+  at::Tensor hidden = (pack ? layout.Unpack(x) : x).to(at::kFloat);
   std::vector<at::Tensor> parts;
   const at::Tensor weights = mask.unsqueeze(-1).to(at::kFloat);  // [B,T,1]
   const at::Tensor counts_f = weights.sum(1).clamp_min(1e-9);     // [B,1]

@@ -450,6 +450,16 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
   const at::Tensor timing = at::cat({angles.sin(), angles.cos()}, -1).to(dtype_);
   at::Tensor x = hidden.mul(token_embedding_multiplier_).add(timing).mul(mask3);
 
+  // Packed: the per-token layers run on the real tokens only ([N, ...]); attention unpacks to [B, T, ...].
+  const bool pack = !trainable && input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
+                    batch > 1 && !mask.all().item<bool>();
+  TokenLayout layout = TokenLayout::Padded(batch);
+  if (pack) {
+    layout = TokenLayout::Packed(mask);
+    x = layout.Pack(x);
+  }
+  if (hooks != nullptr && hooks->SupportsPackedTokens()) hooks->OnTokenLayout(layout);
+
   for (const LayerWeights& L : layers_) {
     const int64_t d = L.input_size;
     at::Tensor h = at::layer_norm(x, {d}, L.ln1_w, L.ln1_b, layer_norm_eps_);
@@ -461,7 +471,7 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
       if (hooks != nullptr) hooks->OnLinearInput(L.res, &res_in);
       residual = at::linear(res_in, L.res_w, L.res_b);
       if (hooks != nullptr) hooks->OnLinear(L.res, res_in, &residual);
-      residual = residual.mul(mask3);
+      if (!pack) residual = residual.mul(mask3);
     }
 
     at::Tensor qkv_w = L.qkv_w, qkv_b = L.qkv_b;
@@ -484,6 +494,7 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
       hooks->OnLinear(L.key, h, &k);
       hooks->OnLinear(L.value, h, &v);
     }
+    if (pack) layout.UnpackSlices(qkv, {&q, &k, &v});
     auto split_heads = [&](const at::Tensor& t) {
       return t.reshape({batch, length, L.num_heads, L.head_dim}).transpose(1, 2);  // [B,NH,T,DH]
     };
@@ -506,6 +517,7 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
     const at::Tensor probs = dtype_ == at::kFloat ? at::softmax(scores, -1)
                                                   : at::softmax(scores, -1, at::kFloat).to(dtype_);
     at::Tensor context = at::matmul(probs, v).transpose(1, 2).reshape({batch, length, d});
+    if (pack) context = layout.Pack(context);
     if (hooks != nullptr) hooks->OnLinearInput(L.out_dense, &context);
     at::Tensor attention = at::linear(context, L.out_w, L.out_b);
     if (hooks != nullptr) {
@@ -523,13 +535,14 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
     if (hooks != nullptr) hooks->OnLinearInput(L.ffn2, &inner);
     at::Tensor ffn = at::linear(inner, L.ffn2_w, L.ffn2_b);
     if (hooks != nullptr) hooks->OnLinear(L.ffn2, inner, &ffn);
-    ffn = ffn.mul(mask3);  // the graph runs the FFN on real tokens only (GatherNd / ScatterNd)
+    if (!pack) ffn = ffn.mul(mask3);  // the graph runs the FFN on real tokens only (GatherNd / ScatterNd)
     if (hooks != nullptr) hooks->OnBlockOutput(L.ffn_block, &ffn);
     x = x.add(ffn);
   }
 
   ForwardOutput out;
-  const at::Tensor states = x.mul(mask3).to(at::kFloat);  // [B,T,H], zero at padding
+  const at::Tensor states = (pack ? layout.Unpack(x) : x.mul(mask3)).to(at::kFloat);  // [B,T,H], zero at padding
+  if (pack && hooks != nullptr) hooks->OnTokenLayout(TokenLayout::Padded(batch));  // the pooler: one per row
   const at::Tensor count = mask.sum(1, /*keepdim=*/true).clamp_min(1).to(at::kFloat);  // [B,1]
   at::Tensor mean = states.sum(1).div(count).to(dtype_);                              // [B,H]
   if (hooks != nullptr) hooks->OnLinearInput(pooler_module_, &mean);

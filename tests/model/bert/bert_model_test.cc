@@ -269,6 +269,46 @@ TEST_F(BertModelTest, PaddedRowEqualsSoloRow) {
   }
 }
 
+// Hooks that handle packed tokens: record the layouts announced and the leading size of each linear output.
+class PackedShapeHooks : public ForwardHooks {
+ public:
+  bool SupportsPackedTokens() const override { return true; }
+  void OnTokenLayout(const TokenLayout& layout) override { layouts.push_back(layout); }
+  void OnLinear(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    leading[module.name] = output->size(0);
+  }
+  void OnLayerNorm(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    leading[module.name] = output->size(0);
+  }
+  std::vector<TokenLayout> layouts;
+  std::map<std::string, int64_t> leading;
+};
+
+TEST_F(BertModelTest, PackedForwardEqualsPaddedForward) {
+  for (const char* name : {"bert", "roberta", "electra"}) {
+    auto model = Load(name);
+    ASSERT_NE(model, nullptr);
+    ForwardInput input = Cases(name)[0].input;
+    const int64_t real = input.attention_mask.sum().item<int64_t>();
+    ASSERT_LT(real, input.attention_mask.numel()) << "the reference batch has no padding";
+    auto padded = model->Forward(input, nullptr);
+    input.pack_tokens = true;
+    auto packed = model->Forward(input, nullptr);
+    PackedShapeHooks hooks;
+    auto hooked = model->Forward(input, &hooks);
+    ASSERT_TRUE(padded.ok() && packed.ok() && hooked.ok()) << name;
+    EXPECT_LE(MaxAbsDiff(packed->pooled, padded->pooled), 1e-5) << name;
+    EXPECT_TRUE(at::equal(packed->pooled, hooked->pooled)) << name;
+    const at::Tensor real_mask = input.attention_mask.unsqueeze(-1).to(at::kFloat);
+    EXPECT_LE(MaxAbsDiff(packed->hidden_states.mul(real_mask), padded->hidden_states.mul(real_mask)), 1e-5) << name;
+    ASSERT_EQ(hooks.layouts.size(), 1u) << name;
+    EXPECT_TRUE(hooks.layouts[0].packed());
+    EXPECT_EQ(hooks.layouts[0].tokens(), real);
+    EXPECT_EQ(hooks.leading.at("embeddings.LayerNorm"), real) << name;
+    EXPECT_EQ(hooks.leading.at("encoder.layer.0.output.dense"), real) << name;
+  }
+}
+
 TEST_F(BertModelTest, ForwardTrainableEqualsForward) {
   for (const char* name : {"bert", "roberta", "electra"}) {
     auto model = Load(name);

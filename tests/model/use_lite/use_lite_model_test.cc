@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -381,6 +382,75 @@ TEST_F(UseLiteModelTest, NoOpHooksSeeEveryHookPointAndChangeNothing) {
   ASSERT_EQ(hooks.calls.size(), 13u + 11u + 1u);
   EXPECT_EQ(std::vector<std::string>(hooks.calls.begin(), hooks.calls.begin() + 13), layer0);
   EXPECT_EQ(hooks.calls.back(), "linear pooler.dense");
+}
+
+// Hooks that handle packed tokens: record the layout and the leading size of every per-token tensor they see.
+class PackedShapeHooks : public ForwardHooks {
+ public:
+  bool SupportsPackedTokens() const override { return true; }
+  void OnTokenLayout(const TokenLayout& layout) override { layouts.push_back(layout); }
+  void OnLinear(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    leading[module.name] = output->size(0);
+    EXPECT_EQ(input.size(0), output->size(0)) << module.name;
+  }
+  void OnLayerNorm(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    leading[module.name] = output->size(0);
+  }
+  void OnBlockOutput(const ModuleInfo& block, at::Tensor* hidden) override { leading[block.name] = hidden->size(0); }
+  std::vector<TokenLayout> layouts;
+  std::map<std::string, int64_t> leading;
+};
+
+TEST_F(UseLiteModelTest, PackedForwardEqualsPaddedForward) {
+  ForwardInput input = MakeBatch({{34, 2280, 3744, 6, 17, 99, 5}, {16, 241}, {7}, {8, 9, 10, 11}});
+  auto padded = model_->Forward(input, nullptr);
+  input.pack_tokens = true;
+  auto packed = model_->Forward(input, nullptr);
+  PackedShapeHooks hooks;
+  auto packed_hooks = model_->Forward(input, &hooks);
+  ASSERT_TRUE(padded.ok() && packed.ok() && packed_hooks.ok());
+  EXPECT_LE(packed->pooled.sub(padded->pooled).abs().max().item<float>(), 1e-5);
+  EXPECT_TRUE(at::equal(packed->pooled, packed_hooks->pooled));
+  // Hidden states: equal at real tokens (relative to use-lite's magnitudes), zero at padding in both.
+  const at::Tensor states_diff = packed->hidden_states.sub(padded->hidden_states).abs();
+  EXPECT_LE(states_diff.max().item<float>(), 1e-5 * padded->hidden_states.abs().max().item<float>());
+  EXPECT_TRUE(at::equal(packed->attention_mask, input.attention_mask));
+
+  // The hooks saw the 14 real tokens, not 4 x 7 padded positions; the pooler one row each.
+  ASSERT_EQ(hooks.layouts.size(), 2u);
+  EXPECT_TRUE(hooks.layouts[0].packed());
+  EXPECT_EQ(hooks.layouts[0].tokens(), 14);
+  EXPECT_FALSE(hooks.layouts[1].packed());
+  EXPECT_EQ(hooks.leading.at("encoder.layer.0.attention.self.query"), 14);
+  EXPECT_EQ(hooks.leading.at("encoder.layer.1.output.dense"), 14);
+  EXPECT_EQ(hooks.leading.at("encoder.layer.0.attention.LayerNorm"), 14);
+  EXPECT_EQ(hooks.leading.at("encoder.layer.1.output"), 14);
+  EXPECT_EQ(hooks.leading.at("pooler.dense"), 4);
+}
+
+TEST_F(UseLiteModelTest, HooksThatDoNotHandlePackedTokensSeeThePaddedBatch) {
+  ForwardInput input = MakeBatch({{34, 2280, 3744, 6}, {16, 241}});
+  input.pack_tokens = true;
+  class PaddedOnly : public PackedShapeHooks {
+    bool SupportsPackedTokens() const override { return false; }
+  } padded_only;
+  ASSERT_TRUE(model_->Forward(input, &padded_only).ok());
+  EXPECT_TRUE(padded_only.layouts.empty());
+  EXPECT_EQ(padded_only.leading.at("encoder.layer.0.attention.self.query"), 2);
+  PackedShapeHooks packing;
+  // Nor does a batch without padding pack, or a trainable forward.
+  input = MakeBatch({{34, 2280}, {16, 241}});
+  input.pack_tokens = true;
+  ASSERT_TRUE(model_->Forward(input, &packing).ok());
+  ASSERT_FALSE(packing.layouts.empty());
+  EXPECT_FALSE(packing.layouts[0].packed());
+  EXPECT_EQ(packing.leading.at("encoder.layer.0.attention.self.query"), 2);
+  packing.layouts.clear();
+  input = MakeBatch({{34, 2280, 3744, 6}, {16, 241}});
+  input.pack_tokens = true;
+  ASSERT_TRUE(model_->ForwardTrainable(input, &packing).ok());
+  ASSERT_FALSE(packing.layouts.empty());
+  EXPECT_FALSE(packing.layouts[0].packed());
 }
 
 // Scales the value projection's output of one layer: the result must change, and scaling by 1 must not.
