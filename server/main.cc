@@ -98,7 +98,8 @@ ABSL_FLAG(std::string, tenant_weights, "",
           "Fair-share weights, \"tenant=weight,...\" (e.g. \"acme=4,beta=0.5\"); tenants not listed weigh 1.");
 ABSL_FLAG(bool, pack_tokens, true,
           "Run the per-token layers of a batch on its real tokens only (no compute on padding; rows of any length "
-          "and prompt-tuned rows share one forward pass). false: every pass is padded to its longest row.");
+          "and prompt-tuned rows share one forward pass), in serving and in fine-tuning jobs. false: every pass is "
+          "padded to its longest row.");
 ABSL_FLAG(double, max_padding_ratio, 1.5,
           "Without --pack_tokens: split a batch into length-sorted forward passes when its padded tokens exceed this "
           "multiple of its real tokens (0 = never split).");
@@ -207,6 +208,7 @@ int main(int argc, char** argv) {
   options.engine.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
   options.engine.truncate_by_default = absl::GetFlag(FLAGS_truncate);
   options.engine.pack_tokens = absl::GetFlag(FLAGS_pack_tokens);
+  options.jobs.trainer.pack_tokens = absl::GetFlag(FLAGS_pack_tokens);
   options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
   options.engine.packed_max_padding_ratio = absl::GetFlag(FLAGS_packed_max_padding_ratio);
   options.engine.merge_break_even = absl::GetFlag(FLAGS_merge_break_even);

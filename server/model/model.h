@@ -123,8 +123,8 @@ class ForwardHooks {
   virtual bool SupportsPackedTokens() const { return false; }
 
   // The layout of the per-token tensors passed to every later hook call (until the next OnTokenLayout). Called
-  // only for hooks that support packed tokens, after OnTokenEmbeddings when the model packs the batch, and with
-  // the padded layout again before per-row modules (a pooler).
+  // only for hooks that support packed tokens: after OnTokenEmbeddings with the pass's layout (packed or
+  // padded), and with the padded layout again before per-row modules (a pooler) of a packed pass.
   virtual void OnTokenLayout(const TokenLayout& layout) {}
 
   // After the token embedding lookup, before positions (and anything else) are added. `hidden` is [B,T,H],
@@ -163,9 +163,9 @@ class ForwardHooks {
 struct ForwardInput {
   at::Tensor input_ids;       // [B,T] int64; padding positions hold any valid id
   at::Tensor attention_mask;  // [B,T] bool; true = real token. Every row has at least one real token.
-  // Forward() (not ForwardTrainable) may run the per-token layers on the real tokens only (TokenLayout::Packed:
-  // no compute spent on padding; attention still sees [B,T]), when the hooks support it and the batch has
-  // padding. Outputs are the same either way (within float rounding).
+  // Run the per-token layers on the real tokens only (TokenLayout::Packed: no compute spent on padding;
+  // attention still sees [B,T]), when the hooks support it and the batch has padding. Outputs (and, from
+  // ForwardTrainable, gradients) are the same either way within float rounding.
   bool pack_tokens = false;
 };
 

@@ -59,6 +59,10 @@ struct TrainableSpec {
 
 class TrainableDelta : public model::ForwardHooks {
  public:
+  // Every piece applies one delta to every token (broadcast over the last dimension), so either token layout
+  // works.
+  bool SupportsPackedTokens() const override { return true; }
+
   // Validates the spec against `model` exactly as a pack would be (delta::CreateMethod's rules and messages:
   // unknown keys, out-of-range hyper-parameters, targets that match nothing; delta::Head::Create's for the head,
   // plus: a classification head needs >= 2 labels, hidden in [0, 65536]) and initializes the parameters with

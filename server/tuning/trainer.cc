@@ -439,6 +439,7 @@ absl::StatusOr<model::ForwardInput> Run::MakeInput(const std::vector<const Encod
   return TorchCall(
       [&] {
         model::ForwardInput input;
+        input.pack_tokens = options_.pack_tokens;
         input.input_ids = at::from_blob(ids.data(), {b, longest}, at::kLong).clone();
         input.attention_mask = at::from_blob(mask.data(), {b, longest}, at::kByte).to(at::kBool);
         return input;

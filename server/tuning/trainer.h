@@ -154,6 +154,9 @@ struct TrainerOptions {
   // split depends on the data only). Smaller micro-batches mean shorter ops, so a serving forward waits less for
   // the op in flight when it arrives (P8). 0 = the whole batch at once.
   int64_t micro_batch_tokens = 256;
+  // Forward and backward passes run packed (model::ForwardInput::pack_tokens): no compute on padding, which real
+  // datasets of short and long texts are mostly made of.
+  bool pack_tokens = true;
 };
 
 class Trainer {

@@ -19,6 +19,11 @@
 // bias), prompt tuning (20 virtual tokens), and `full`: every weight of a private float32 copy of the backbone (as
 // the trainer does it). Every run trains a 2-class head too.
 //
+// --sentences=FILE (e.g. ../shared/data/glue-sst2/train.tsv) trains on those texts in file order instead (their
+// own lengths, cut at T): a real dataset's mix of short and long rows. --compare_packing runs every method twice,
+// with packed batches (model::ForwardInput::pack_tokens, the server's default) and without, in the same rounds, and
+// adds a table of the step times and their ratio.
+//
 // --breakdown also times the step's parts (forward + head + loss, backward, clipping, optimizer), replicating the
 // trainer's step with the same public pieces (TrainableDelta, AdamW, ClipGradNorm) on random token ids of the same
 // shape, next to a plain inference-mode forward of the batch.
@@ -74,6 +79,11 @@ ABSL_FLAG(int64_t, micro_batch_tokens, 0,
 ABSL_FLAG(bool, breakdown, false, "Also time the parts of a step (forward, backward, clip, optimizer).");
 ABSL_FLAG(double, delta_lr, 1e-3, "Learning rate of the delta methods.");
 ABSL_FLAG(double, full_lr, 2e-5, "Learning rate of full fine-tuning.");
+ABSL_FLAG(std::string, sentences, "",
+          "Train on these texts (one per line; TSV: the first column; a header line is skipped) instead of texts "
+          "of exactly T tokens.");
+ABSL_FLAG(bool, pack_tokens, true, "Packed batches (the server's --pack_tokens).");
+ABSL_FLAG(bool, compare_packing, false, "Run every method packed and unpacked, side by side.");
 
 namespace ds = ::deltaserve;
 namespace tuning = ::deltaserve::tuning;
@@ -130,6 +140,7 @@ struct Method {
   std::string name;
   std::vector<ds::delta::MethodSpec> specs;
   bool full = false;
+  bool pack = true;  // model::ForwardInput::pack_tokens
 };
 
 ds::delta::MethodSpec Spec(ds::delta::MethodKind kind, nlohmann::json config) {
@@ -198,6 +209,28 @@ std::string LongText(const ds::model::Model& model, int64_t tokens, std::mt19937
 
 // `steps` batches of `rows` examples of exactly `tokens` tokens each (the texts are longer; max_sequence_length
 // truncates them), two classes; a two-example validation split.
+// --sentences: the texts of the file, in order (at most `n`).
+std::vector<std::string> FileSentences(const std::string& path, size_t n) {
+  std::vector<std::string> out;
+  std::ifstream in(path);
+  std::string line;
+  bool first = true;
+  while (out.size() < n && std::getline(in, line)) {
+    std::string text = line.substr(0, line.find('\t'));
+    if (first && (text == "sentence" || text == "text")) {
+      first = false;
+      continue;
+    }
+    first = false;
+    if (!text.empty()) out.push_back(text);
+  }
+  if (out.empty()) {
+    std::fprintf(stderr, "--sentences: no texts in %s\n", path.c_str());
+    std::exit(2);
+  }
+  return out;
+}
+
 tuning::TrainingProblem MakeProblem(const ds::model::Model& model, const Method& method, int64_t rows, int64_t tokens,
                                     int64_t steps) {
   tuning::TrainingProblem p;
@@ -209,10 +242,14 @@ tuning::TrainingProblem MakeProblem(const ds::model::Model& model, const Method&
   p.labels.type = tuning::TaskType::kClassification;
   p.labels.labels = {"neg", "pos"};
   std::mt19937_64 rng(7);
+  std::vector<std::string> sentences;
+  if (!absl::GetFlag(FLAGS_sentences).empty()) {
+    sentences = FileSentences(absl::GetFlag(FLAGS_sentences), static_cast<size_t>(rows * steps));
+  }
   auto fill = [&](int64_t n, tuning::Dataset* data, tuning::EncodedLabels* labels) {
     for (int64_t i = 0; i < n; ++i) {
       tuning::Example e;
-      e.text = LongText(model, tokens, rng);
+      e.text = sentences.empty() ? LongText(model, tokens, rng) : sentences[static_cast<size_t>(i) % sentences.size()];
       e.label = i % 2 == 0 ? "pos" : "neg";
       e.line = i + 2;
       data->examples.push_back(std::move(e));
@@ -291,7 +328,10 @@ std::vector<MethodResult> MeasureSteps(const ds::model::Model& model, const std:
   options.threads = absl::GetFlag(FLAGS_threads);
   options.nice = 0;
   options.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
-  const tuning::Trainer trainer(model, options);
+  options.pack_tokens = true;
+  const tuning::Trainer packed_trainer(model, options);
+  options.pack_tokens = false;
+  const tuning::Trainer unpacked_trainer(model, options);
   std::vector<MethodResult> results(static_cast<size_t>(n));
   Baton baton(n);
   std::vector<std::thread> threads;
@@ -310,6 +350,7 @@ std::vector<MethodResult> MeasureSteps(const ds::model::Model& model, const std:
         resumed = Clock();
       };
       baton.Acquire(i);
+      const tuning::Trainer& trainer = methods[static_cast<size_t>(i)].pack ? packed_trainer : unpacked_trainer;
       auto result = trainer.Run(problems[static_cast<size_t>(i)], nullptr, cb);
       if (result.ok()) {
         r.trainable_parameters = result->trainable_parameters;
@@ -455,11 +496,21 @@ int main(int argc, char** argv) {
     Check(loaded.status(), "loading the model");
     const ds::model::Model& model = **loaded;
     std::vector<Method> methods;
+    const bool compare = absl::GetFlag(FLAGS_compare_packing);
     for (absl::string_view m : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',', absl::SkipEmpty())) {
       methods.push_back(MakeMethod(std::string(m), model));
+      methods.back().pack = compare || absl::GetFlag(FLAGS_pack_tokens);
+    }
+    const size_t measured = methods.size();  // the ones the main table reports
+    if (compare) {
+      for (size_t i = 0; i < measured; ++i) {
+        Method unpacked = methods[i];
+        unpacked.pack = false;
+        methods.push_back(std::move(unpacked));
+      }
     }
     int full = -1;
-    for (size_t i = 0; i < methods.size(); ++i) {
+    for (size_t i = 0; i < measured; ++i) {
       if (methods[i].full) full = static_cast<int>(i);
     }
     std::printf("\n## %s (%s parameters)\n\n", std::string(name).c_str(),
@@ -469,7 +520,7 @@ int main(int argc, char** argv) {
     std::vector<std::vector<MethodResult>> per_shape;
     for (const auto& [rows, tokens] : shapes) {
       std::vector<MethodResult> results = MeasureSteps(model, dir, methods, rows, tokens, rounds);
-      for (size_t i = 0; i < methods.size(); ++i) {
+      for (size_t i = 0; i < measured; ++i) {
         const MethodResult& r = results[i];
         const std::string shape = absl::StrFormat("%lldx%lld", static_cast<long long>(rows),
                                                   static_cast<long long>(tokens));
@@ -494,6 +545,25 @@ int main(int argc, char** argv) {
                     static_cast<double>(r.optimizer_state_bytes) / 1048576.0, state_ratio.c_str());
         std::fflush(stdout);
       }
+      if (compare) {
+        std::printf("\n| batch | method | packed step ms | unpacked step ms | **packed / unpacked** |\n"
+                    "|---|---|---:|---:|---:|\n");
+        for (size_t i = 0; i < measured; ++i) {
+          const MethodResult& p = results[i];
+          const MethodResult& u = results[measured + i];
+          if (!p.status.ok() || !u.status.ok()) continue;
+          std::vector<double> ratios;
+          for (size_t k = 0; k < std::min(p.step_seconds.size(), u.step_seconds.size()); ++k) {
+            ratios.push_back(p.step_seconds[k] / u.step_seconds[k]);
+          }
+          std::printf("| %lldx%lld | %s | %.0f | %.0f | %s |\n", static_cast<long long>(rows),
+                      static_cast<long long>(tokens), methods[i].name.c_str(), Median(p.step_seconds) * 1e3,
+                      Median(u.step_seconds) * 1e3, MedianAndRange(ratios, 3).c_str());
+        }
+        std::printf("\n");
+        std::fflush(stdout);
+        results.resize(measured);
+      }
       per_shape.push_back(std::move(results));
     }
     if (absl::GetFlag(FLAGS_breakdown)) {
@@ -501,7 +571,8 @@ int main(int argc, char** argv) {
                   "(replica) | step ms (trainer) | inference forward ms | backward / forward |\n"
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
       for (size_t k = 0; k < shapes.size(); ++k) {
-        MeasureBreakdown(model, dir, methods, shapes[k].first, shapes[k].second, rounds, per_shape[k]);
+        const std::vector<Method> reported(methods.begin(), methods.begin() + static_cast<int64_t>(measured));
+        MeasureBreakdown(model, dir, reported, shapes[k].first, shapes[k].second, rounds, per_shape[k]);
       }
     }
   }

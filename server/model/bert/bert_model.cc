@@ -692,7 +692,7 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
   x = x + at::embedding(position_embeddings_, positions);
   // Packed: the per-token layers run on the real tokens only ([N, ...]); attention unpacks to [B, T, ...].
   const int64_t T = x.size(1);
-  const bool pack = !trainable && input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
+  const bool pack = input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
                     B > 1 && !mask.all().item<bool>();
   TokenLayout layout = TokenLayout::Padded(B);
   if (pack) {

@@ -11,6 +11,8 @@
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/allclose.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/ones.h>
@@ -438,19 +440,52 @@ TEST_F(UseLiteModelTest, HooksThatDoNotHandlePackedTokensSeeThePaddedBatch) {
   EXPECT_TRUE(padded_only.layouts.empty());
   EXPECT_EQ(padded_only.leading.at("encoder.layer.0.attention.self.query"), 2);
   PackedShapeHooks packing;
-  // Nor does a batch without padding pack, or a trainable forward.
+  // Nor does a batch without padding pack.
   input = MakeBatch({{34, 2280}, {16, 241}});
   input.pack_tokens = true;
   ASSERT_TRUE(model_->Forward(input, &packing).ok());
   ASSERT_FALSE(packing.layouts.empty());
   EXPECT_FALSE(packing.layouts[0].packed());
   EXPECT_EQ(packing.leading.at("encoder.layer.0.attention.self.query"), 2);
-  packing.layouts.clear();
-  input = MakeBatch({{34, 2280, 3744, 6}, {16, 241}});
+}
+
+// Trainable hooks that work in either layout: a bias delta on one linear and a scale on one block output, leaves
+// that require grad.
+class TrainableBiasAndScaleHooks : public ForwardHooks {
+ public:
+  TrainableBiasAndScaleHooks()
+      : bias(at::full({512}, 0.01).requires_grad_()), scale(at::full({512}, 1.1).requires_grad_()) {}
+  bool SupportsPackedTokens() const override { return true; }
+  void OnTokenLayout(const TokenLayout& layout) override { packed = packed || layout.packed(); }
+  void OnLinear(const ModuleInfo& module, const at::Tensor& input, at::Tensor* output) override {
+    if (module.name == "encoder.layer.1.attention.self.value") *output = output->add(bias);
+  }
+  void OnBlockOutput(const ModuleInfo& block, at::Tensor* hidden) override {
+    if (block.name == "encoder.layer.0.output") *hidden = hidden->mul(scale);
+  }
+  at::Tensor bias, scale;
+  bool packed = false;
+};
+
+TEST_F(UseLiteModelTest, PackedTrainableForwardGivesThePaddedGradients) {
+  ForwardInput input = MakeBatch({{34, 2280, 3744, 6, 17, 99, 5}, {16, 241}, {7}});
+  TrainableBiasAndScaleHooks padded_hooks, packed_hooks;
+  auto padded = model_->ForwardTrainable(input, &padded_hooks);
   input.pack_tokens = true;
-  ASSERT_TRUE(model_->ForwardTrainable(input, &packing).ok());
-  ASSERT_FALSE(packing.layouts.empty());
-  EXPECT_FALSE(packing.layouts[0].packed());
+  auto packed = model_->ForwardTrainable(input, &packed_hooks);
+  ASSERT_TRUE(padded.ok() && packed.ok());
+  EXPECT_FALSE(padded_hooks.packed);
+  EXPECT_TRUE(packed_hooks.packed);
+  EXPECT_LE(packed->pooled.sub(padded->pooled).abs().max().item<float>(), 1e-5);
+  padded->pooled.mul(at::arange(512, at::kFloat)).sum().backward();
+  packed->pooled.mul(at::arange(512, at::kFloat)).sum().backward();
+  for (auto [a, b] : {std::make_pair(&padded_hooks.bias, &packed_hooks.bias),
+                      std::make_pair(&padded_hooks.scale, &packed_hooks.scale)}) {
+    ASSERT_TRUE(a->grad().defined() && b->grad().defined());
+    const float magnitude = a->grad().abs().max().item<float>();
+    EXPECT_GT(magnitude, 0);
+    EXPECT_LE(a->grad().sub(b->grad()).abs().max().item<float>(), 1e-4 * magnitude);
+  }
 }
 
 // Scales the value projection's output of one layer: the result must change, and scaling by 1 must not.
