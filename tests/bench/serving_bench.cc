@@ -65,6 +65,7 @@ ABSL_FLAG(std::string, methods, "lora", "P4: pack recipes (as deltaserve-loadgen
 ABSL_FLAG(double, cache_fraction, 0.10, "P4: device cache tier as a share of all packs' device bytes.");
 ABSL_FLAG(double, host_cache_fraction, 0.0, "P4: host cache tier as a share of all packs' serialized bytes.");
 ABSL_FLAG(int, concurrency, 16, "P4 / e2e: closed-loop clients.");
+ABSL_FLAG(bool, pack_tokens, true, "The server's --pack_tokens.");
 ABSL_FLAG(int, batch, 1, "P4 / e2e: texts per request.");
 ABSL_FLAG(double, round_s, 5, "P4 / e2e: measuring seconds per round and mode.");
 ABSL_FLAG(double, warmup_s, 2, "P4 / e2e: warm-up seconds before each round.");
@@ -201,6 +202,7 @@ Harness StartServer(const std::string& dir, int64_t cache_bytes, int64_t host_ca
   options.store_dir = dir + "/store";
   options.deltas.cache_bytes = cache_bytes;
   options.deltas.host_cache_bytes = host_cache_bytes;
+  options.engine.pack_tokens = absl::GetFlag(FLAGS_pack_tokens);
   options.intra_op_threads = ds::SetIntraOpThreads(0);
   options.blas = ds::LoadedBlas();
   absl::StatusOr<std::unique_ptr<ds::service::DeltaServer>> server = ds::service::DeltaServer::Start(options);
