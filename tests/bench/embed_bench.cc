@@ -37,6 +37,7 @@ ABSL_FLAG(std::string, blas, "openblas", "openblas, blis, reference or system.")
 ABSL_FLAG(std::string, dtype, "float32", "float32 or bfloat16.");
 ABSL_FLAG(int, threads, 0, "Intra-op threads (0 = every core).");
 ABSL_FLAG(bool, pack_tokens, true, "The engine's --pack_tokens (the default path).");
+ABSL_FLAG(double, packed_max_padding_ratio, 4.0, "The engine's length-split threshold packed (0 = never split).");
 ABSL_FLAG(double, max_padding_ratio, 1.5, "The engine's length-split threshold unpacked (0 = one forward per batch).");
 
 namespace {
@@ -124,6 +125,7 @@ int main(int argc, char** argv) {
   options.engine.batching.max_queue_delay = absl::ZeroDuration();
   options.engine.batching.max_batch_rows = 64;
   options.engine.pack_tokens = absl::GetFlag(FLAGS_pack_tokens);
+  options.engine.packed_max_padding_ratio = absl::GetFlag(FLAGS_packed_max_padding_ratio);
   options.engine.max_padding_ratio = absl::GetFlag(FLAGS_max_padding_ratio);
   options.blas = deltaserve::LoadedBlas();
   options.intra_op_threads = threads;
