@@ -146,6 +146,14 @@ int main(int argc, char** argv) {
                  drain_delay_s, drain_seconds);
     return 2;
   }
+  for (const auto& [name, value] : {std::make_pair("--max_padding_ratio", absl::GetFlag(FLAGS_max_padding_ratio)),
+                                    std::make_pair("--packed_max_padding_ratio",
+                                                   absl::GetFlag(FLAGS_packed_max_padding_ratio))}) {
+    if (!(value >= 0)) {
+      std::fprintf(stderr, "deltaserve: %s must be >= 0 (0 = never split a batch by length), got %g\n", name, value);
+      return 2;
+    }
+  }
   // Block SIGTERM/SIGINT/SIGUSR1 in every thread (from the start, so that one sent while the model loads waits);
   // one thread waits for them with sigwait.
   sigset_t signals;

@@ -487,13 +487,18 @@ TEST(ServerLifecycleTest, DrainTurnsReadinessOffWhileCallsAreStillServed) {
   EXPECT_GE(absl::Now() - term, absl::Seconds(2.5)) << "the server must keep accepting calls for --drain_delay_s";
 }
 
-TEST(ServerLifecycleTest, RejectsBadDrainGcAndHealthFlagsWithAClearMessage) {
+TEST(ServerLifecycleTest, RejectsBadDrainGcHealthAndBatchingFlagsWithAClearMessage) {
   auto delay = testing::RunCommand({testing::DeltaserveBinary(), "--drain_delay_s=-1"});
   EXPECT_EQ(delay.exit_code, 2);
   EXPECT_THAT(delay.err, HasSubstr("--drain_delay_s"));
   auto gc = testing::RunCommand({testing::DeltaserveBinary(), "--store_gc_grace_s=-5"});
   EXPECT_EQ(gc.exit_code, 2);
   EXPECT_THAT(gc.err, HasSubstr("--store_gc_grace_s"));
+  for (const char* flag : {"--max_padding_ratio", "--packed_max_padding_ratio"}) {
+    auto ratio = testing::RunCommand({testing::DeltaserveBinary(), std::string(flag) + "=-1"});
+    EXPECT_EQ(ratio.exit_code, 2) << flag;
+    EXPECT_THAT(ratio.err, HasSubstr(std::string(flag) + " must be >= 0")) << flag;
+  }
   // The health port is bound before the model loads: a bad address fails fast, naming the flag.
   auto health = testing::RunCommand({testing::DeltaserveBinary(), "--listen=127.0.0.1:0", "--metrics_listen=",
                                      "--health_listen=not-an-address"});
