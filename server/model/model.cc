@@ -92,6 +92,12 @@ void TokenLayout::UnpackSlices(const at::Tensor& fused, const std::vector<at::Te
   for (size_t i = 0; i < slices.size(); ++i) *slices[i] = whole.narrow(-1, static_cast<int64_t>(i) * width, width);
 }
 
+TokenLayout PlanTokenLayout(const ForwardInput& input, const at::Tensor& mask, const ForwardHooks* hooks) {
+  const bool pack = input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) && mask.size(0) > 1 &&
+                    !mask.all().item<bool>();
+  return pack ? TokenLayout::Packed(mask) : TokenLayout::Padded(mask.size(0));
+}
+
 absl::Status ValidateForwardInput(const ForwardInput& input, int64_t vocab_size, int64_t max_sequence_length) {
   const at::Tensor& ids = input.input_ids;
   const at::Tensor& mask = input.attention_mask;

@@ -169,6 +169,11 @@ struct ForwardInput {
   bool pack_tokens = false;
 };
 
+// The layout a model runs a forward pass in: packed when input.pack_tokens is set, `hooks` (null: none) support
+// packed tokens, and `mask` (the [B,T] mask after the token-embedding hook) has more than one row and some
+// padding; else padded.
+TokenLayout PlanTokenLayout(const ForwardInput& input, const at::Tensor& mask, const ForwardHooks* hooks);
+
 struct ForwardOutput {
   at::Tensor hidden_states;   // [B,T',H'] float32, last layer's per-token states (T' may differ from T if a hook
                               // spliced tokens; rows are aligned with `attention_mask`)

@@ -16,6 +16,20 @@
 namespace deltaserve {
 namespace bench {
 
+std::vector<std::string> ReadSentences(const std::string& path, size_t max) {
+  std::vector<std::string> out;
+  std::ifstream in(path);
+  std::string line;
+  bool first = true;
+  while (out.size() < max && std::getline(in, line)) {
+    std::string text = line.substr(0, line.find('\t'));
+    const bool header = first && (text == "sentence" || text == "text");
+    first = false;
+    if (!header && !text.empty()) out.push_back(std::move(text));
+  }
+  return out;
+}
+
 std::string WriteBertBase(const std::string& dir) {
   struct stat st;
   if (::stat((dir + "/model.safetensors").c_str(), &st) == 0) return dir;

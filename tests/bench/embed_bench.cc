@@ -27,6 +27,7 @@
 #include "server/model/model_loader.h"
 #include "server/service/platform.h"
 #include "server/service/server.h"
+#include "tests/bench/bench_models.h"
 
 ABSL_FLAG(std::string, model_dir, "models/use-lite", "Model directory.");
 ABSL_FLAG(std::string, sentences, "",
@@ -44,20 +45,7 @@ namespace {
 
 std::vector<std::string> LoadSentences(const std::string& path) {
   std::vector<std::string> out;
-  if (!path.empty()) {
-    std::ifstream in(path);
-    std::string line;
-    bool first = true;
-    while (std::getline(in, line) && out.size() < 4096) {
-      std::string text = line.substr(0, line.find('\t'));
-      if (first && (text == "sentence" || text == "text")) {
-        first = false;
-        continue;
-      }
-      first = false;
-      if (!text.empty()) out.push_back(text);
-    }
-  }
+  if (!path.empty()) out = deltaserve::bench::ReadSentences(path, 4096);
   if (out.empty()) {
     out = {"hello world",
            "The quick brown fox jumps over the lazy dog.",

@@ -211,19 +211,7 @@ std::string LongText(const ds::model::Model& model, int64_t tokens, std::mt19937
 // truncates them), two classes; a two-example validation split.
 // --sentences: the texts of the file, in order (at most `n`).
 std::vector<std::string> FileSentences(const std::string& path, size_t n) {
-  std::vector<std::string> out;
-  std::ifstream in(path);
-  std::string line;
-  bool first = true;
-  while (out.size() < n && std::getline(in, line)) {
-    std::string text = line.substr(0, line.find('\t'));
-    if (first && (text == "sentence" || text == "text")) {
-      first = false;
-      continue;
-    }
-    first = false;
-    if (!text.empty()) out.push_back(text);
-  }
+  std::vector<std::string> out = ds::bench::ReadSentences(path, n);
   if (out.empty()) {
     std::fprintf(stderr, "--sentences: no texts in %s\n", path.c_str());
     std::exit(2);

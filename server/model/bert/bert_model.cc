@@ -692,13 +692,9 @@ absl::Status BertModel::Run(const ForwardInput& input, ForwardHooks* hooks, bool
   x = x + at::embedding(position_embeddings_, positions);
   // Packed: the per-token layers run on the real tokens only ([N, ...]); attention unpacks to [B, T, ...].
   const int64_t T = x.size(1);
-  const bool pack = input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
-                    B > 1 && !mask.all().item<bool>();
-  TokenLayout layout = TokenLayout::Padded(B);
-  if (pack) {
-    layout = TokenLayout::Packed(mask);
-    x = layout.Pack(x);
-  }
+  const TokenLayout layout = PlanTokenLayout(input, mask, hooks);
+  const bool pack = layout.packed();
+  if (pack) x = layout.Pack(x);
   if (hooks != nullptr && hooks->SupportsPackedTokens()) hooks->OnTokenLayout(layout);
   {
     at::Tensor pre = x;

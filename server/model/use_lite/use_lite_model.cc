@@ -451,13 +451,9 @@ absl::StatusOr<ForwardOutput> UseLiteModel::Run(const ForwardInput& input, Forwa
   at::Tensor x = hidden.mul(token_embedding_multiplier_).add(timing).mul(mask3);
 
   // Packed: the per-token layers run on the real tokens only ([N, ...]); attention unpacks to [B, T, ...].
-  const bool pack = input.pack_tokens && (hooks == nullptr || hooks->SupportsPackedTokens()) &&
-                    batch > 1 && !mask.all().item<bool>();
-  TokenLayout layout = TokenLayout::Padded(batch);
-  if (pack) {
-    layout = TokenLayout::Packed(mask);
-    x = layout.Pack(x);
-  }
+  const TokenLayout layout = PlanTokenLayout(input, mask, hooks);
+  const bool pack = layout.packed();
+  if (pack) x = layout.Pack(x);
   if (hooks != nullptr && hooks->SupportsPackedTokens()) hooks->OnTokenLayout(layout);
 
   for (const LayerWeights& L : layers_) {
