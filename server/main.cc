@@ -107,7 +107,8 @@ ABSL_FLAG(double, packed_max_padding_ratio, 4.0,
           "With --pack_tokens: the same split, where padding costs attention only (0 = never split).");
 ABSL_FLAG(double, merge_break_even, 1.0,
           "Merge mode: a forward pass whose rows all carry one mergeable pack (lora, bitfit, ln_tuning, ia3) folds it "
-          "into the weights when its padded tokens reach this multiple of the pack's break-even size (0 = never).");
+          "into the weights when its tokens (real ones when packed) reach this multiple of the pack's break-even size "
+          "(0 = never).");
 ABSL_FLAG(int, batch_threads, 1, "Threads running batches (1 is right on CPU).");
 ABSL_FLAG(int, max_inputs_per_request, 256, "Most texts or id lists in one Embed request.");
 ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "Longest text accepted, in bytes.");

@@ -318,13 +318,13 @@ absl::Status InferenceEngine::RunBatch(absl::Span<const batching::BatchRow> rows
 }
 
 const delta::DeltaPack* InferenceEngine::MergeCandidate(const std::vector<const delta::DeltaPack*>& packs,
-                                                        int64_t padded_tokens) const {
+                                                        int64_t tokens) const {
   if (options_.merge_break_even <= 0 || packs.empty() || packs[0] == nullptr) return nullptr;
   for (const delta::DeltaPack* pack : packs) {
     if (pack != packs[0]) return nullptr;
   }
   const int64_t break_even = delta::MergeBreakEvenTokens(*packs[0], *model_);  // INT64_MAX: not mergeable
-  return static_cast<double>(padded_tokens) >= options_.merge_break_even * static_cast<double>(break_even)
+  return static_cast<double>(tokens) >= options_.merge_break_even * static_cast<double>(break_even)
              ? packs[0]
              : nullptr;
 }

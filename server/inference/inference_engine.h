@@ -138,7 +138,8 @@ class InferenceEngine {
     double packed_max_padding_ratio = 4.0;
     // Merge mode (delta::MergedPack): a forward pass whose rows all carry the same pack, made only of methods that
     // fold into the weights (lora, bitfit, ln_tuning, ia3), runs as merge -> plain forward -> restore when its
-    // padded tokens (rows x longest row) reach merge_break_even x delta::MergeBreakEvenTokens(pack): the size
+    // tokens (the real ones packed, rows x longest row unpacked: what the hooks run on) reach
+    // merge_break_even x delta::MergeBreakEvenTokens(pack): the size
     // from which merging's fixed cost (about four passes over the weights it rewrites) is below the hooks' cost
     // per token, estimated from the pack's and the weights' sizes (from ~20 tokens for BitFit alone to ~2,300 for
     // LoRA on every linear of BERT-base; docs/BENCHMARKS.md). 0 or negative: never merge.
@@ -187,10 +188,9 @@ class InferenceEngine {
   absl::Status RunBatch(absl::Span<const batching::BatchRow> rows);
   // One forward pass over `rows`.
   absl::Status RunForward(absl::Span<const batching::BatchRow> rows);
-  // The pack to run a pass of `padded_tokens` in merge mode with: packs[i] (row i's pack) when every row carries
-  // that same mergeable pack and the pass is large enough (Options::merge_break_even); else nullptr.
-  const delta::DeltaPack* MergeCandidate(const std::vector<const delta::DeltaPack*>& packs,
-                                         int64_t padded_tokens) const;
+  // The pack to run a pass computing `tokens` tokens in merge mode with: packs[i] (row i's pack) when every row
+  // carries that same mergeable pack and the pass is large enough (Options::merge_break_even); else nullptr.
+  const delta::DeltaPack* MergeCandidate(const std::vector<const delta::DeltaPack*>& packs, int64_t tokens) const;
   // Merge `pack` into the weights, a plain forward of `input`, restore. An error merging leaves the weights as
   // they were and fails the pass.
   absl::StatusOr<model::ForwardOutput> RunMerged(const delta::DeltaPack& pack, const model::ForwardInput& input);
