@@ -48,6 +48,9 @@ ABSL_FLAG(std::string, task_type, "classification", "tune submit: classification
 ABSL_FLAG(std::vector<std::string>, classes, {}, "tune submit: the classes in head order (default: from the data).");
 ABSL_FLAG(int64_t, head_hidden, 0, "tune submit: width of a dense layer in the head (0 = linear head).");
 ABSL_FLAG(double, lr, 0, "tune submit: peak learning rate (0 = the server's default, 1e-3).");
+ABSL_FLAG(double, head_lr, 0,
+          "tune submit: the head's peak learning rate (0 = --lr); a head often wants more (1e-2) than a LoRA or an "
+          "adapter.");
 ABSL_FLAG(int64_t, epochs, 0, "tune submit: epochs (0 = default 3).");
 ABSL_FLAG(int64_t, max_steps, 0, "tune submit: stop after this many steps (0 = the epochs decide).");
 ABSL_FLAG(int64_t, batch_size, 0, "tune submit: examples per step (0 = default 32).");
@@ -236,6 +239,7 @@ int Submit(DeltaserveClient& client, const TuneContext& ctx) {
 
   pb::HyperParameters* hp = spec->mutable_hyper_parameters();
   if (absl::GetFlag(FLAGS_lr) != 0) hp->set_learning_rate(absl::GetFlag(FLAGS_lr));
+  if (absl::GetFlag(FLAGS_head_lr) != 0) hp->set_head_learning_rate(absl::GetFlag(FLAGS_head_lr));
   if (absl::GetFlag(FLAGS_epochs) != 0) hp->set_epochs(absl::GetFlag(FLAGS_epochs));
   if (absl::GetFlag(FLAGS_max_steps) != 0) hp->set_max_steps(absl::GetFlag(FLAGS_max_steps));
   if (absl::GetFlag(FLAGS_batch_size) != 0) hp->set_batch_size(absl::GetFlag(FLAGS_batch_size));

@@ -72,6 +72,7 @@ absl::StatusOr<DatasetOptions> ToDatasetOptions(const pb::DatasetSpec& spec, int
 HyperParameters ToHyperParameters(const pb::HyperParameters& p) {
   HyperParameters hp;
   if (p.has_learning_rate()) hp.learning_rate = p.learning_rate();
+  if (p.has_head_learning_rate()) hp.head_learning_rate = p.head_learning_rate();
   if (p.has_epochs()) hp.epochs = p.epochs();
   if (p.has_max_steps()) hp.max_steps = p.max_steps();
   if (p.has_batch_size()) hp.batch_size = p.batch_size();

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/torch_status.h"
 
@@ -23,6 +24,15 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
   for (const auto& [name, p] : params_) {
     exp_avg_.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous).detach());
     exp_avg_sq_.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous).detach());
+    double scale = 1;
+    size_t matched = 0;
+    for (const auto& [prefix, s] : options_.lr_scales) {
+      if (prefix.size() >= matched && absl::StartsWith(name, prefix)) {
+        scale = s;
+        matched = prefix.size();
+      }
+    }
+    lr_scale_.push_back(scale);
   }
 }
 
@@ -32,14 +42,15 @@ void AdamW::Step(double lr) {
   const double b1 = options_.beta1, b2 = options_.beta2;
   const double bias1 = 1 - std::pow(b1, static_cast<double>(step_));
   const double bias2 = 1 - std::pow(b2, static_cast<double>(step_));
-  const double step_size = lr / bias1;
   const double bias2_sqrt = std::sqrt(bias2);
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& p = params_[i].second;
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;
+    const double p_lr = lr * lr_scale_[i];
+    const double step_size = p_lr / bias1;
     // Decoupled weight decay (matrices only), before the Adam update, as torch.optim.AdamW.
-    if (options_.weight_decay != 0 && p.dim() >= 2) p.mul_(1 - lr * options_.weight_decay);
+    if (options_.weight_decay != 0 && p.dim() >= 2) p.mul_(1 - p_lr * options_.weight_decay);
     at::Tensor& m = exp_avg_[i];
     at::Tensor& v = exp_avg_sq_[i];
     m.mul_(b1).add_(g, 1 - b1);

@@ -28,6 +28,10 @@ struct AdamWOptions {
   // Decoupled weight decay, applied to tensors of two or more dimensions only (matrices: not biases, layer-norm
   // deltas, (IA)^3 scales or other vectors).
   double weight_decay = 0.01;
+  // Learning-rate multipliers by parameter-name prefix (the longest matching prefix wins; 1 where none matches):
+  // {"head/": 10} updates the head at 10x the scheduled rate, as a torch.optim parameter group with its own
+  // learning rate under the same scheduler would. Weight decay scales with it (lr x weight_decay), as there.
+  std::map<std::string, double> lr_scales;
 };
 
 class AdamW {
@@ -35,8 +39,8 @@ class AdamW {
   // `params`: (name, leaf tensor with requires_grad); the tensors are shared with the caller (updated in place).
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
 
-  // One update with learning rate `lr` from the tensors' current .grad() (a tensor without a gradient is
-  // skipped). Increments step().
+  // One update with learning rate `lr` (times the parameter's lr_scales entry) from the tensors' current .grad()
+  // (a tensor without a gradient is skipped). Increments step().
   void Step(double lr);
   // Resets every parameter's gradient.
   void ZeroGrad();
@@ -52,6 +56,7 @@ class AdamW {
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<double> lr_scale_;  // per parameter, from options_.lr_scales
   AdamWOptions options_;
   int64_t step_ = 0;
 };

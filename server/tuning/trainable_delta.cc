@@ -695,7 +695,7 @@ absl::StatusOr<std::unique_ptr<TrainableDelta>> TrainableDelta::Create(const Tra
     if (name == "dense.bias") d->dense_b_ = t;
     if (name == "out.weight") d->out_w_ = t;
     if (name == "out.bias") d->out_b_ = t;
-    d->parameters_.emplace_back("head/" + name, t);
+    d->parameters_.emplace_back(kHeadPrefix + name, t);
   }
   std::sort(d->parameters_.begin(), d->parameters_.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });

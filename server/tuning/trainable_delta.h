@@ -73,6 +73,9 @@ class TrainableDelta : public model::ForwardHooks {
   static absl::StatusOr<std::unique_ptr<TrainableDelta>> Create(const TrainableSpec& spec,
                                                                 const model::Model& model, uint64_t seed);
 
+  // The name prefix of the head's parameters ("head/out.weight", ...).
+  static constexpr char kHeadPrefix[] = "head/";
+
   // Every trainable tensor, by a stable name ("lora/encoder.layer.0.attention.self.query.lora_A",
   // "head/out.weight", ...), sorted by name. Leaves with requires_grad, float32, on the model's device.
   const std::vector<std::pair<std::string, at::Tensor>>& parameters() const { return parameters_; }

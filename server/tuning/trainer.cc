@@ -180,6 +180,7 @@ absl::StatusOr<EvalMetrics> EvalFromJson(const nlohmann::json& j) {
 
 nlohmann::json HyperParametersJson(const HyperParameters& hp) {
   return nlohmann::json{{"learning_rate", hp.learning_rate},
+                        {"head_learning_rate", hp.head_learning_rate > 0 ? hp.head_learning_rate : hp.learning_rate},
                         {"epochs", hp.epochs},
                         {"max_steps", hp.max_steps},
                         {"batch_size", hp.batch_size},
@@ -852,6 +853,7 @@ absl::StatusOr<TrainResult> Run::Go(const Checkpoint* resume) {
 
   AdamWOptions adam;
   adam.weight_decay = hp_.weight_decay;
+  if (hp_.head_learning_rate > 0) adam.lr_scales[TrainableDelta::kHeadPrefix] = hp_.head_learning_rate / hp_.learning_rate;
   optimizer_ = std::make_unique<AdamW>(params_, adam);
   if (resume != nullptr) DS_RETURN_IF_ERROR(Restore(*resume));
 
@@ -955,6 +957,9 @@ absl::Status ValidateHyperParameters(const HyperParameters& hp, const model::Mod
   };
   if (!std::isfinite(hp.learning_rate) || hp.learning_rate <= 0 || hp.learning_rate > 1) {
     return bad("learning_rate", "in (0, 1]", absl::StrCat(hp.learning_rate));
+  }
+  if (!std::isfinite(hp.head_learning_rate) || hp.head_learning_rate < 0 || hp.head_learning_rate > 1) {
+    return bad("head_learning_rate", "in (0, 1], or 0 for learning_rate", absl::StrCat(hp.head_learning_rate));
   }
   if (hp.epochs < 1 || hp.epochs > 1000) return bad("epochs", "in [1, 1000]", absl::StrCat(hp.epochs));
   if (hp.max_steps < 0 || hp.max_steps > 10000000) {

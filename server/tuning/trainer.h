@@ -38,6 +38,9 @@ namespace tuning {
 
 struct HyperParameters {
   double learning_rate = 1e-3;
+  // The head's peak learning rate (same warm-up and decay); 0 = learning_rate. A linear probe learns well at
+  // rates (1e-2) that would wreck a LoRA or adapter, so the two often want different rates.
+  double head_learning_rate = 0;
   // Passes over the training split; max_steps > 0 stops earlier.
   int64_t epochs = 3;
   int64_t max_steps = 0;
@@ -52,7 +55,8 @@ struct HyperParameters {
   uint64_t seed = 42;
 };
 
-// INVALID_ARGUMENT naming the field for absurd values: learning rate not in (0, 1], epochs not in [1, 1000],
+// INVALID_ARGUMENT naming the field for absurd values: learning rate not in (0, 1], head learning rate not 0
+// (= learning rate) or in (0, 1], epochs not in [1, 1000],
 // max_steps < 0 or > 10^7, batch size not in [1, 4096], warm-up fraction not in [0, 1), weight decay not in [0, 1),
 // max_sequence_length < 0 or over the model's limit, max_grad_norm < 0, NaN anywhere.
 absl::Status ValidateHyperParameters(const HyperParameters& hp, const model::Model& model);

@@ -220,6 +220,9 @@ TEST_F(TuningIntegrationTest, BadJobSpecsGetClearStatusesAndQueueNothing) {
   const std::vector<Case> cases = {
       {"learning rate", [](auto* r) { r->mutable_spec()->mutable_hyper_parameters()->set_learning_rate(5); },
        absl::StatusCode::kInvalidArgument, "learning_rate"},
+      {"head learning rate",
+       [](auto* r) { r->mutable_spec()->mutable_hyper_parameters()->set_head_learning_rate(-0.01); },
+       absl::StatusCode::kInvalidArgument, "head_learning_rate"},
       {"batch size", [](auto* r) { r->mutable_spec()->mutable_hyper_parameters()->set_batch_size(0); },
        absl::StatusCode::kInvalidArgument, "batch_size"},
       {"epochs", [](auto* r) { r->mutable_spec()->mutable_hyper_parameters()->set_epochs(1000000); },
@@ -420,7 +423,7 @@ TEST_F(TuningIntegrationTest, DeltactlSubmitsWatchesListsAndCancels) {
   testing::CommandResult submitted = testing::RunCommand(
       {testing::DeltactlBinary(), server, "tune", "submit", "--task=cli", "--data=" + data, "--method=lora,bitfit",
        R"(--method_config={"lora": {"rank": 2}})", "--label=prod", "--epochs=2", "--batch_size=16", "--lr=0.005",
-       "--validation_fraction=0.25", "--watch"},
+       "--head_lr=0.02", "--validation_fraction=0.25", "--watch"},
       "", absl::Seconds(300));
   ASSERT_EQ(submitted.exit_code, 0) << submitted.out << submitted.err;
   EXPECT_THAT(submitted.err, HasSubstr("epoch 1: val loss"));
@@ -433,6 +436,7 @@ TEST_F(TuningIntegrationTest, DeltactlSubmitsWatchesListsAndCancels) {
   nlohmann::json jobs = nlohmann::json::parse(listed.out);
   ASSERT_EQ(jobs.size(), 1u);
   EXPECT_EQ(jobs[0]["state"], "JOB_STATE_SUCCEEDED");
+  EXPECT_EQ(jobs[0]["spec"]["hyper_parameters"]["head_learning_rate"], 0.02) << jobs[0].dump();
   const std::string id = jobs[0]["id"];
   // Cancelling a finished job: FAILED_PRECONDITION, exit code 1.
   testing::CommandResult cancel = testing::RunCommand({testing::DeltactlBinary(), server, "tune", "cancel", id});

@@ -80,6 +80,35 @@ TEST(AdamWTest, MatchesAHandComputedUpdateForTwoSteps) {
   EXPECT_EQ(Values(state.at("exp_avg/frozen"))[0], 0);
 }
 
+TEST(AdamWTest, LearningRateScalesApplyByLongestNamePrefix) {
+  AdamWOptions options;
+  options.weight_decay = 0.1;
+  options.lr_scales = {{"head/", 10.0}, {"head/out.", 4.0}, {"lora/", 0.5}};
+  at::Tensor hw = Leaf({0.5f, -1.0f, 2.0f, 0.25f}, {2, 2});  // "head/dense.weight": x10, decayed at 10x too
+  at::Tensor hb = Leaf({1.0f, -0.5f}, {2});                   // "head/out.bias": the longer prefix wins, x4
+  at::Tensor la = Leaf({0.3f, 0.6f}, {1, 2});                 // "lora/...": x0.5
+  at::Tensor other = Leaf({2.0f}, {1});                       // no prefix: x1
+  AdamW opt({{"head/dense.weight", hw}, {"head/out.bias", hb}, {"lora/a", la}, {"other", other}}, options);
+  const std::vector<std::vector<float>> grads = {{0.1f, -0.2f, 0.3f, 0.0f}, {1.0f, 0.5f}, {-0.4f, 0.2f}, {0.7f}};
+  const std::vector<at::Tensor> params = {hw, hb, la, other};
+  const std::vector<double> scales = {10.0, 4.0, 0.5, 1.0};
+  std::vector<std::vector<Reference>> refs(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    for (double x : Values(params[k])) refs[k].push_back({x});
+  }
+  for (int step = 1; step <= 2; ++step) {
+    for (size_t k = 0; k < params.size(); ++k) SetGrad(params[k], grads[k]);
+    opt.Step(0.01);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const std::vector<double> got = Values(params[k]);
+      for (size_t i = 0; i < refs[k].size(); ++i) {
+        refs[k][i].Step(grads[k][i], step, 0.01 * scales[k], 0.1, params[k].dim() >= 2, options);
+        EXPECT_NEAR(got[i], refs[k][i].p, 1e-6) << "param " << k << " element " << i << " step " << step;
+      }
+    }
+  }
+}
+
 TEST(AdamWTest, ZeroGradClearsGradients) {
   at::Tensor w = Leaf({1, 2}, {2});
   AdamW opt({{"w", w}}, AdamWOptions());

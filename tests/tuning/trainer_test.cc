@@ -311,6 +311,38 @@ TEST(TrainerTest, PackedBatchesGiveThePaddedUpdateForEveryMethodKind) {
   }
 }
 
+TEST(TrainerTest, HeadLearningRateTrainsTheHeadAtItsOwnRate) {
+  auto model = TinyBert();
+  ASSERT_NE(model, nullptr);
+  // One step without warm-up: AdamW's first update is linear in the learning rate (p - lr * (wd * p + g / |g|)),
+  // and the delta's gradients at step 1 do not depend on the head's rate.
+  TrainingProblem p = KeywordProblem(32, 16, {Lora(4)});
+  p.hp.max_steps = 1;
+  p.hp.warmup_fraction = 0;
+  p.hp.learning_rate = 1e-3;
+  auto unset = Train(*model, p);
+  p.hp.head_learning_rate = 1e-3;
+  auto same = Train(*model, p);
+  p.hp.head_learning_rate = 2e-3;
+  auto twice = Train(*model, p);
+  p.hp.head_learning_rate = 1e-2;
+  auto ten = Train(*model, p);
+  for (const auto* r : {&unset, &same, &twice, &ten}) ASSERT_TRUE(r->ok()) << r->status();
+  // Unset means the delta's rate: the very same pack.
+  EXPECT_EQ(PackBytes(*unset), PackBytes(*same));
+  ASSERT_TRUE(unset->pack && twice->pack && ten->pack);
+  for (const auto& [tensor_name, t] : unset->pack->methods[0].tensors) {
+    EXPECT_TRUE(t.equal(ten->pack->methods[0].tensors.at(tensor_name))) << tensor_name;
+  }
+  for (const auto& [tensor_name, t] : unset->pack->head->tensors) {
+    SCOPED_TRACE(tensor_name);
+    const at::Tensor step_1e3 = twice->pack->head->tensors.at(tensor_name) - t;  // the update at 2e-3 minus 1e-3
+    const at::Tensor step_9e3 = ten->pack->head->tensors.at(tensor_name) - t;   // at 1e-2 minus 1e-3
+    EXPECT_GT(step_1e3.abs().max().item<float>(), 5e-4);
+    EXPECT_LE((step_9e3 - step_1e3 * 9).abs().max().item<float>(), 1e-5);
+  }
+}
+
 TEST(TrainerTest, DifferentSeedDiffers) {
   auto model = TinyBert();
   ASSERT_NE(model, nullptr);
@@ -495,6 +527,9 @@ TEST(TrainerTest, RejectsAbsurdHyperParameters) {
       {"learning_rate", [](HyperParameters* h) { h->learning_rate = 5; }},
       {"learning_rate", [](HyperParameters* h) { h->learning_rate = 0; }},
       {"learning_rate", [&](HyperParameters* h) { h->learning_rate = nan; }},
+      {"head_learning_rate", [](HyperParameters* h) { h->head_learning_rate = -1e-3; }},
+      {"head_learning_rate", [](HyperParameters* h) { h->head_learning_rate = 2; }},
+      {"head_learning_rate", [&](HyperParameters* h) { h->head_learning_rate = nan; }},
       {"epochs", [](HyperParameters* h) { h->epochs = 0; }},
       {"epochs", [](HyperParameters* h) { h->epochs = 1001; }},
       {"max_steps", [](HyperParameters* h) { h->max_steps = -1; }},
