@@ -47,15 +47,19 @@ done
 command -v jq >/dev/null || { echo "results.sh: needs jq" >&2; exit 1; }
 
 # The configurations: name | methods (comma separated; "full" = full fine-tuning, "" = the head alone) |
-# method config JSON | peak learning rate. Learning rates: see docs/RESULTS.md (how they were chosen).
+# method config JSON | peak learning rate | the head's peak learning rate ("" = the same). Learning rates: see
+# docs/RESULTS.md (how they were chosen); the "-h" rows train the head at the linear probe's rate.
 CONFIG_TABLE=$(cat <<'EOF'
-head|||1e-2
-lora|lora|{"lora": {"rank": 8, "alpha": 16}}|2e-3
-adapter|adapter|{"adapter": {"bottleneck": 64, "placement": "pfeiffer"}}|2e-3
-bitfit|bitfit|{}|1e-2
-prompt|prompt|{"prompt": {"num_virtual_tokens": 20}}|3e-2
-lora+bitfit|lora,bitfit|{"lora": {"rank": 8, "alpha": 16}}|3e-3
-full|full||2e-4
+head|||1e-2|
+lora|lora|{"lora": {"rank": 8, "alpha": 16}}|2e-3|
+adapter|adapter|{"adapter": {"bottleneck": 64, "placement": "pfeiffer"}}|2e-3|
+bitfit|bitfit|{}|1e-2|
+prompt|prompt|{"prompt": {"num_virtual_tokens": 20}}|3e-2|
+lora+bitfit|lora,bitfit|{"lora": {"rank": 8, "alpha": 16}}|3e-3|
+lora-h|lora|{"lora": {"rank": 8, "alpha": 16}}|2e-3|1e-2
+adapter-h|adapter|{"adapter": {"bottleneck": 64, "placement": "pfeiffer"}}|2e-3|1e-2
+lora+bitfit-h|lora,bitfit|{"lora": {"rank": 8, "alpha": 16}}|3e-3|1e-2
+full|full||2e-4|
 EOF
 )
 CONFIGS=${CONFIGS:-$(echo "$CONFIG_TABLE" | cut -d'|' -f1 | paste -sd,)}
@@ -122,13 +126,14 @@ for ds in "${datasets[@]}"; do
   for cfg in "${configs[@]}"; do
     line=$(echo "$CONFIG_TABLE" | awk -F'|' -v n="$cfg" '$1 == n')
     [ -n "$line" ] || { echo "results.sh: unknown config $cfg" >&2; exit 1; }
-    IFS='|' read -r name methods mconfig lr <<< "$line"
+    IFS='|' read -r name methods mconfig lr head_lr <<< "$line"
     args=(--server="$SERVER" tune submit --task="$ds-${name//+/-}" $(data_flags "$ds") --epochs="$EPOCHS"
           --batch_size="$BATCH_SIZE" --lr="$lr" --max_seq_len="$MAX_SEQ_LEN"
           --validation_fraction="$VALIDATION_FRACTION" --seed="$SEED" --watch --json)
     if [ "$methods" = full ]; then args+=(--full)
     elif [ -n "$methods" ]; then args+=(--method="$methods"); fi
     if [ -n "$mconfig" ] && [ "$mconfig" != "{}" ]; then args+=(--method_config="$mconfig"); fi
+    if [ -n "$head_lr" ]; then args+=(--head_lr="$head_lr"); lr="$lr / $head_lr"; fi
     { printf '+ deltactl'; shell_words "${args[@]}"; echo; } | sed "s|$W|\$W|g" >&2
     out="$W/results/$ds.$name.json"
     if ! "$DELTACTL" "${args[@]}" > "$out" 2> "$W/results/$ds.$name.err"; then
