@@ -6,6 +6,7 @@
 #
 #   bash scripts/bench.sh [SENTENCES_FILE]     (default: ../shared/data/glue-sst2/train.tsv when present)
 # Environment: BUILD_DIR (build), MODEL_DIR (models/use-lite), SECONDS_PER_POINT (3), BATCHES (1,8,32),
+#              SETTINGS (which BLAS/dtype settings, e.g. "openblas-bfloat16"; default all four),
 #              SKIP_TFJS=1 to skip the TF.js comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,13 +22,18 @@ OUT=$(mktemp -d)
 echo "# deltaserve benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, sentences: ${SENTENCES:-built-in}"
 for cfg in "openblas float32" "blis float32" "reference float32" "openblas bfloat16"; do
   set -- $cfg
+  if [ -n "${SETTINGS:-}" ] && [[ ",$SETTINGS," != *",$1-$2,"* ]]; then continue; fi
+  # bfloat16 goes through oneDNN, and Debian's 2.6.3 faults in this bench (engines on several threads) once its
+  # primitive cache starts evicting: keep every primitive (docs/MODELS.md, "bfloat16 and oneDNN").
+  cache=${ONEDNN_PRIMITIVE_CACHE_CAPACITY:-}
+  if [ "$2" = bfloat16 ] && [ -z "$cache" ]; then cache=1048576; fi
   echo; echo "## deltaserve: --blas=$1 --dtype=$2"
-  "$BUILD_DIR/tests/bench/deltaserve_bench" --model_dir="$MODEL_DIR" --sentences="$SENTENCES" \
+  env ${cache:+ONEDNN_PRIMITIVE_CACHE_CAPACITY=$cache} "$BUILD_DIR/tests/bench/deltaserve_bench" --model_dir="$MODEL_DIR" --sentences="$SENTENCES" \
     --batches="$BATCHES" --seconds="$SECS" --blas="$1" --dtype="$2" 2>"$OUT/$1-$2.json" | grep -v '^I'
   if [ "$1 $2" = "openblas float32" ]; then cp "$OUT/$1-$2.json" "$OUT/ds.json"; fi
 done
 
-if [ "${SKIP_TFJS:-0}" != 1 ]; then
+if [ "${SKIP_TFJS:-0}" != 1 ] && [ -f "$OUT/ds.json" ]; then  # needs the openblas float32 run
   TFJS_DIR=${TFJS_DIR:-$BUILD_DIR/tfjs-bench}
   mkdir -p "$TFJS_DIR"
   if [ ! -d "$TFJS_DIR/node_modules/@energetic-ai/embeddings" ]; then

@@ -223,7 +223,7 @@ void ApplyPlan(const BlockPlan& plan, const model::TokenLayout& layout, const at
   const bool in_place = Exclusive(*hidden);  // before x, which may share its storage
   const at::Tensor x = input.contiguous();
   if (!in_place) *hidden = hidden->clone(at::MemoryFormat::Contiguous);
-  ForEachSegmentPiece(plan.segments, layout.rows(), [&](const AdapterSegment& s) {
+  ForEachSegmentPiece(plan.segments, layout.rows(), x, [&](const AdapterSegment& s) {
     const AdapterModule& m = *s.adapter;
     const at::Tensor xs = layout.Rows(x, s.first, s.count);
     const at::Tensor z = Activate(s.activation, at::addmm(m.down_b, xs, m.down_w.t()));  // [tokens, b]

@@ -77,7 +77,7 @@ class LoraBatch : public MethodBatch {
       rows.Rows(*output, s.first, s.count)
           .addmm_(at::mm(rows.Rows(x, s.first, s.count), s.factors->a_t), s.factors->b_t);
     };
-    ForEachSegmentPiece(it->second, rows.rows(), apply);
+    ForEachSegmentPiece(it->second, rows.rows(), x, apply);
   }
 
   // Module name -> the segments of the rows that carry a LoRA there, in row order.

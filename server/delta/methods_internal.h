@@ -120,8 +120,18 @@ void ApplyRowVectors(const RowVectors& plan, const model::TokenLayout& layout, b
 // work; BLAS runs single-threaded inside each call. Per-row deltas are narrow GEMMs (a LoRA's r columns, an
 // adapter's bottleneck), which scale poorly over BLAS's own threads. Calls on different pieces touch disjoint
 // rows. Exceptions reach the caller.
+//
+// Only float32 CPU tensors (`like`: the hook's activations) run in parallel: their GEMMs go to the BLAS library.
+// Other dtypes run the segments one after another on the calling thread, each op using the intra-op threads
+// itself: bfloat16 matmuls go to oneDNN, whose kernel generation crashes when several threads create primitives
+// at once (Debian's oneDNN 2.6.3: SIGSEGV in brgemm_kernel_create under mixed-delta bfloat16 traffic), and a
+// GPU gains nothing from CPU threads queueing kernels.
 template <typename Segment, typename F>
-void ForEachSegmentPiece(const std::vector<Segment>& segments, int64_t num_rows, F&& fn) {
+void ForEachSegmentPiece(const std::vector<Segment>& segments, int64_t num_rows, const at::Tensor& like, F&& fn) {
+  if (!like.device().is_cpu() || like.scalar_type() != at::kFloat) {
+    for (const Segment& s : segments) fn(s);
+    return;
+  }
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::max<int64_t>(1, (num_rows + threads - 1) / threads);
   std::vector<Segment> pieces;

@@ -6,13 +6,16 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/delta/method.h"
+#include "server/delta/methods_internal.h"
 #include "server/delta/module_patterns.h"
 #include "tests/delta/delta_test_util.h"
 
@@ -87,6 +90,48 @@ class NaiveLora : public model::ForwardHooks {
   const model::Model& model_;
   std::map<std::string, at::Tensor> merged_;
 };
+
+struct TestSegment {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+
+// Which rows each call covered, and on which thread.
+struct SegmentCalls {
+  std::mutex mu;
+  std::vector<std::pair<int64_t, int64_t>> pieces;  // (first, count) in call order
+  std::vector<std::thread::id> threads;
+};
+
+void RunSegments(const at::Tensor& like, SegmentCalls* calls) {
+  const std::vector<TestSegment> segments = {{0, 5}, {5, 1}, {6, 9}, {15, 1}};
+  ForEachSegmentPiece(segments, 16, like, [&](const TestSegment& s) {
+    std::lock_guard<std::mutex> lock(calls->mu);
+    calls->pieces.emplace_back(s.first, s.count);
+    calls->threads.push_back(std::this_thread::get_id());
+  });
+}
+
+TEST(SegmentPiecesTest, Float32CoversEveryRowOnceAcrossTheIntraOpThreads) {
+  SegmentCalls calls;
+  RunSegments(at::zeros({2, 2}, at::kFloat), &calls);
+  std::vector<int> covered(16, 0);
+  for (const auto& [first, count] : calls.pieces) {
+    for (int64_t r = first; r < first + count; ++r) ++covered[r];
+  }
+  EXPECT_THAT(covered, ::testing::Each(1));
+}
+
+TEST(SegmentPiecesTest, OtherDtypesRunWholeSegmentsInOrderOnTheCallingThread) {
+  // bfloat16 GEMMs go to oneDNN, which crashes when several threads create primitives at once (Debian's 2.6.3).
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  SegmentCalls calls;
+  RunSegments(at::zeros({2, 2}, at::kBFloat16), &calls);
+  at::set_num_threads(saved);
+  EXPECT_EQ(calls.pieces, (std::vector<std::pair<int64_t, int64_t>>{{0, 5}, {5, 1}, {6, 9}, {15, 1}}));
+  EXPECT_THAT(calls.threads, ::testing::Each(std::this_thread::get_id()));
+}
 
 TEST(LoraTest, MixedBatchEqualsEachRowAlone) {
   for (const auto& [name, model] : TestModels()) {
