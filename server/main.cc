@@ -155,6 +155,15 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (absl::GetFlag(FLAGS_dtype) == "bfloat16" && absl::GetFlag(FLAGS_batch_threads) > 1) {
+    // docs/MODELS.md, "bfloat16 and oneDNN": measured, a server with --batch_threads=3 died within seconds.
+    std::fprintf(stderr,
+                 "deltaserve: --batch_threads=%d cannot run with --dtype=bfloat16: bfloat16 matmuls run in oneDNN, "
+                 "which crashes (SIGSEGV) when batches run on several threads; use --batch_threads=1 (one batch "
+                 "already uses every core)\n",
+                 absl::GetFlag(FLAGS_batch_threads));
+    return 2;
+  }
   // Block SIGTERM/SIGINT/SIGUSR1 in every thread (from the start, so that one sent while the model loads waits);
   // one thread waits for them with sigwait.
   sigset_t signals;
