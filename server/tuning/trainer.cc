@@ -853,7 +853,9 @@ absl::StatusOr<TrainResult> Run::Go(const Checkpoint* resume) {
 
   AdamWOptions adam;
   adam.weight_decay = hp_.weight_decay;
-  if (hp_.head_learning_rate > 0) adam.lr_scales[TrainableDelta::kHeadPrefix] = hp_.head_learning_rate / hp_.learning_rate;
+  if (hp_.head_learning_rate > 0) {
+    adam.lr_scales[TrainableDelta::kHeadPrefix] = hp_.head_learning_rate / hp_.learning_rate;
+  }
   optimizer_ = std::make_unique<AdamW>(params_, adam);
   if (resume != nullptr) DS_RETURN_IF_ERROR(Restore(*resume));
 
