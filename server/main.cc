@@ -155,12 +155,15 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (absl::GetFlag(FLAGS_dtype) == "bfloat16" && absl::GetFlag(FLAGS_batch_threads) > 1) {
-    // docs/MODELS.md, "bfloat16 and oneDNN": measured, a server with --batch_threads=3 died within seconds.
+  if (absl::GetFlag(FLAGS_dtype) == "bfloat16" && absl::GetFlag(FLAGS_batch_threads) > 1 &&
+      std::getenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == nullptr) {
+    // docs/MODELS.md, "bfloat16 and oneDNN": measured, a server with --batch_threads=3 died within seconds, and ran
+    // clean with a cache that never evicts.
     std::fprintf(stderr,
-                 "deltaserve: --batch_threads=%d cannot run with --dtype=bfloat16: bfloat16 matmuls run in oneDNN, "
-                 "which crashes (SIGSEGV) when batches run on several threads; use --batch_threads=1 (one batch "
-                 "already uses every core)\n",
+                 "deltaserve: --batch_threads=%d cannot run with --dtype=bfloat16 as is: bfloat16 matmuls run in "
+                 "oneDNN, which crashes (SIGSEGV) with batches on several threads once its primitive cache evicts; "
+                 "use --batch_threads=1 (one batch already uses every core), or set "
+                 "ONEDNN_PRIMITIVE_CACHE_CAPACITY=1048576 (never evict; memory grows with the shapes seen)\n",
                  absl::GetFlag(FLAGS_batch_threads));
     return 2;
   }
