@@ -123,9 +123,9 @@ void ApplyRowVectors(const RowVectors& plan, const model::TokenLayout& layout, b
 //
 // Only float32 CPU tensors (`like`: the hook's activations) run in parallel: their GEMMs go to the BLAS library.
 // Other dtypes run the segments one after another on the calling thread, each op using the intra-op threads
-// itself: bfloat16 matmuls go to oneDNN, whose kernel generation crashes when several threads create primitives
-// at once (Debian's oneDNN 2.6.3: SIGSEGV in brgemm_kernel_create under mixed-delta bfloat16 traffic), and a
-// GPU gains nothing from CPU threads queueing kernels.
+// itself: bfloat16 matmuls go to oneDNN, whose kernel generation crashes when kernels are created on several
+// threads and its primitive cache evicts (Debian's oneDNN 2.6.3: SIGSEGV in brgemm_kernel_create under
+// mixed-delta bfloat16 traffic; docs/MODELS.md), and a GPU gains nothing from CPU threads queueing kernels.
 template <typename Segment, typename F>
 void ForEachSegmentPiece(const std::vector<Segment>& segments, int64_t num_rows, const at::Tensor& like, F&& fn) {
   if (!like.device().is_cpu() || like.scalar_type() != at::kFloat) {
